@@ -1,0 +1,1 @@
+"""The multi-adapter layer, target injection, routing, and the operations on a model's adapters."""

@@ -1,0 +1,1 @@
+"""Adapters on disk in the PEFT format, and safe file IO."""

@@ -1,0 +1,96 @@
+"""Reading and writing weight files safely: atomic writes, no pickle unless asked, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.errors import FormatError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    A failure (or a kill) before the rename leaves any previous ``path`` untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` and move ``tmp`` onto ``path`` only once it is complete."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as safetensors, atomically (contiguous CPU copies; PEFT's ``format: pt`` metadata)."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def load_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a weight file; pickles only with ``allow_pickle`` (then with ``weights_only=True``).
+
+    Every failure is a :class:`FormatError` naming the file: missing, truncated, corrupt, pickled.
+    """
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise FormatError(f"{path}: is a pickle file, which can run code when loaded; convert it to "
+                              "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)")
+        return _load_pickle(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as err:  # the reader raises several types for corrupt input; all mean the same
+        raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return tensors
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise FormatError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({err})") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a mapping of names to tensors")
+    return obj
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object; a :class:`FormatError` names the file and what is wrong."""
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
+    return obj

@@ -1,0 +1,87 @@
+"""``adapter_config.json`` as PEFT writes it, to and from :class:`~lorakit.config.LoraConfig`.
+
+The written object has exactly the fields of PEFT 0.21's ``LoraConfig`` (so PEFT, vLLM and LoRAX
+read it without warnings); lorakit's own fields map onto PEFT's: ``rank -> r``, ``alpha ->
+lora_alpha``, ``dropout -> lora_dropout``, ``targets -> target_modules``, ``exclude -> exclude_modules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.errors import ConfigError, FormatError
+
+# Fields PEFT writes with these values whenever the feature is unused.
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "bias": "none",
+    "corda_config": None, "ensure_weight_tying": False, "eva_config": None, "inference_mode": True,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+    "peft_type": "LORA", "peft_version": None, "qalora_group_size": 16, "revision": None,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "velora_config": None,
+}
+
+# Features lorakit does not implement: a config that uses one is refused rather than loaded wrongly.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA", "lora_bias": "LoRA bias terms", "modules_to_save": "modules_to_save",
+    "layers_to_transform": "layers_to_transform", "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "aLoRA", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
+}
+
+
+def to_peft_dict(config: LoraConfig, modules: Sequence[str], *, base_model: str | None,
+                 task_type: str | None, fan_in_fan_out: bool) -> dict[str, Any]:
+    """The ``adapter_config.json`` object for an adapter shaped by ``config`` that wraps ``modules``.
+
+    ``"all-linear"`` is written as the sorted list of wrapped module names, as PEFT itself does.
+    """
+    if config.targets == ALL_LINEAR:
+        targets: str | list[str] = sorted(modules)
+    elif isinstance(config.targets, str):
+        targets = config.targets
+    else:
+        targets = sorted(config.targets)
+    exclude = config.exclude if isinstance(config.exclude, str) or config.exclude is None else sorted(config.exclude)
+    return {
+        **_PEFT_DEFAULTS,
+        "alpha_pattern": dict(config.alpha_pattern), "base_model_name_or_path": base_model,
+        "exclude_modules": exclude, "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "r": config.rank,
+        "rank_pattern": dict(config.rank_pattern), "target_modules": targets, "task_type": task_type,
+        "use_rslora": config.use_rslora,
+    }
+
+
+def from_peft_dict(obj: dict[str, Any], source: Path) -> LoraConfig:
+    """A :class:`LoraConfig` from a PEFT ``adapter_config.json`` object; unsupported features are refused."""
+    if obj.get("peft_type") != "LORA":
+        raise FormatError(f"{source}: peft_type is {obj.get('peft_type')!r}; lorakit loads 'LORA' adapters")
+    for key, feature in _UNSUPPORTED.items():
+        if obj.get(key) not in (None, False, [], {}):
+            raise FormatError(f"{source}: uses {feature} ({key}={obj[key]!r}), which lorakit does not support")
+    if obj.get("bias", "none") != "none":
+        raise FormatError(f"{source}: bias={obj['bias']!r} is not supported (only 'none')")
+    for required in ("r", "lora_alpha", "target_modules"):
+        if required not in obj:
+            raise FormatError(f"{source}: the field {required!r} is missing")
+    try:
+        return LoraConfig(
+            rank=obj["r"], alpha=obj["lora_alpha"], dropout=obj.get("lora_dropout", 0.0) or 0.0,
+            targets=_modules(obj["target_modules"]), exclude=_modules(obj.get("exclude_modules")),
+            use_rslora=bool(obj.get("use_rslora", False)), rank_pattern=obj.get("rank_pattern") or {},
+            alpha_pattern=obj.get("alpha_pattern") or {},
+        )
+    except (ConfigError, TypeError, AttributeError) as err:
+        raise FormatError(f"{source}: invalid adapter config: {err}") from None
+
+
+def _modules(value: Any) -> Any:
+    """PEFT stores module lists as JSON arrays; lorakit configs hold tuples."""
+    return tuple(value) if isinstance(value, list) else value
