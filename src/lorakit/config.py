@@ -20,6 +20,19 @@ ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "zeros")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _require(condition: bool, field_name: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ConfigError(f"{field_name}={value!r} is invalid: {allowed}")
@@ -63,9 +76,9 @@ class LoraConfig:
     unchanged; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0; ``"zeros"``: A = B = 0."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+        _require(_is_int(self.rank) and self.rank > 0,
                  "rank", self.rank, "a positive integer is required")
-        _require(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0,
+        _require(_is_finite_number(self.alpha) and self.alpha > 0,
                  "alpha", self.alpha, "a positive finite number is required")
         _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                  "dropout", self.dropout, "a probability in [0, 1) is required")
@@ -75,12 +88,12 @@ class LoraConfig:
             self._check_modules("exclude", self.exclude, allow_all_linear=False)
         for key, rank in self.rank_pattern.items():
             _check_regex("rank_pattern", key)
-            _require(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}]", rank,
+            _require(_is_int(rank) and rank > 0, f"rank_pattern[{key!r}]", rank,
                      "a positive integer is required")
         for key, alpha in self.alpha_pattern.items():
             _check_regex("alpha_pattern", key)
-            _require(isinstance(alpha, (int, float)) and alpha > 0, f"alpha_pattern[{key!r}]", alpha,
-                     "a positive number is required")
+            _require(_is_finite_number(alpha) and alpha > 0, f"alpha_pattern[{key!r}]", alpha,
+                     "a positive finite number is required")
 
     @staticmethod
     def _check_modules(field_name: str, value: Any, *, allow_all_linear: bool) -> None:
@@ -116,3 +129,84 @@ def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How a training run goes: AdamW on the trainable parameters, linear warmup then cosine decay."""
+
+    steps: int | None = None
+    """Optimizer steps to take; exactly one of ``steps`` and ``epochs`` is set (default: 100 steps)."""
+    epochs: float | None = None
+    """Passes over the training data (may be fractional), instead of ``steps``."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is averaged over all their supervised tokens."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    warmup_steps: int | None = None
+    """Linear warmup length; default 5% of the steps (at least 1)."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to ``lr * min_lr_ratio``."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; ``None`` disables clipping."""
+    max_length: int = 256
+    """Examples are truncated to this many tokens."""
+    seed: int = 0
+    """Seeds the data order, dropout and any random initialisation."""
+    eval_every: int = 0
+    """Evaluate the loss on the evaluation data every this many steps (0: only at the end)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every this many steps (0: none)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    bucket: bool = True
+    """Group examples of similar length into batches (less padding)."""
+    pack: bool = False
+    """Pack several short examples into one row of ``max_length`` tokens."""
+    chat: bool | None = None
+    """Render prompts with the tokenizer's chat template; ``None``: when it has one."""
+    full: bool = False
+    """Full fine-tuning: every parameter of the model trains (a baseline for LoRA)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps is None or self.epochs is None, "steps", self.steps,
+                 "set steps or epochs, not both")
+        _require(self.steps is None or (isinstance(self.steps, int) and self.steps > 0), "steps", self.steps,
+                 "a positive integer is required")
+        _require(self.epochs is None or (isinstance(self.epochs, (int, float)) and self.epochs > 0), "epochs",
+                 self.epochs, "a positive number is required")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, value, "a positive integer is required")
+        for name in ("eval_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, name, value, "a non-negative integer is required")
+        _require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1, "keep_checkpoints",
+                 self.keep_checkpoints, "at least 1")
+        _require(_is_finite_number(self.lr) and self.lr > 0, "lr", self.lr,
+                 "a positive finite number is required")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a non-negative number")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm,
+                 "a positive number or None")
+        _require(self.warmup_steps is None or (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0),
+                 "warmup_steps", self.warmup_steps, "a non-negative integer or None")
+
+    def total_steps(self, n_examples: int) -> int:
+        """The number of optimizer steps for ``n_examples`` training examples."""
+        if self.epochs is None:
+            return self.steps if self.steps is not None else 100
+        per_epoch = math.ceil(n_examples / self.batch_size) / self.grad_accum
+        return max(1, math.ceil(per_epoch * self.epochs))
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warmup length for a run of ``total_steps`` steps."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return max(1, round(0.05 * total_steps))

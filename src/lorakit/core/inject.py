@@ -63,8 +63,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.exclude is not None:
         chosen = [n for n in chosen if not _matches(config.exclude, n)]
     if not chosen:
-        supported = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if is_supported(m)})
-        raise TargetError(f"targets {config.targets!r} matched no module of {type(model).__name__}; "
+        supported = sorted({n.rsplit(".", 1)[-1] for n, m in candidates
+                            if is_supported(m) or isinstance(m, LoraLayer)})
+        excluded = f" once exclude {config.exclude!r} is applied" if config.exclude is not None else ""
+        raise TargetError(f"targets {config.targets!r} matched no module of {type(model).__name__}{excluded}; "
                           f"adaptable module names: {', '.join(supported) or '(none)'}")
     modules = dict(candidates)
     for name in chosen:

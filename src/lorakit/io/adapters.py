@@ -20,8 +20,8 @@ from lorakit.core.kinds import Conv1DKind, kind_of
 from lorakit.core.layer import LoraLayer
 from lorakit.core.lifecycle import attach, check_adapter_name
 from lorakit.core.state import model_state
-from lorakit.errors import AdapterError, FormatError
-from lorakit.io.files import load_json, load_tensors, save_json, save_tensors
+from lorakit.errors import AdapterError, FormatError, TargetError
+from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -69,8 +69,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the only or only active one) to directory ``path`` in PEFT format.
 
-    Each file is written to a temporary name and renamed into place, so a failed or killed save never
-    leaves a half-written adapter over a good one. Returns the directory.
+    Both files are written to temporary names first and renamed into place only once both are complete,
+    so a failed or killed save never leaves a half-written adapter over a good one. Returns the directory.
     """
     name = _resolve_name(model, name)
     record = model_state(model).require(name)
@@ -79,8 +79,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     config = to_peft_dict(record.config, record.modules, base_model=base_model_name(model),
                           task_type=_task_type(model),
                           fan_in_fan_out=any(isinstance(layer.kind, Conv1DKind) for layer in layers))
-    save_tensors(directory / WEIGHTS_FILE, adapter_tensors(model, name))
-    save_json(directory / CONFIG_FILE, config)
+    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(adapter_tensors(model, name)),
+                          directory / CONFIG_FILE: json_writer(config)})
     return directory
 
 
@@ -91,10 +91,15 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> tuple[LoraC
         raise FormatError(f"{directory}: no such adapter directory")
     raw = load_json(directory / CONFIG_FILE)
     config = from_peft_dict(raw, directory / CONFIG_FILE)
+    return config, raw, load_tensors(weights_file(directory), allow_pickle=allow_pickle)
+
+
+def weights_file(directory: Path) -> Path:
+    """The weight file of the adapter in ``directory``: the safetensors file, else a pickle beside it."""
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() and (directory / PICKLED_WEIGHTS_FILE).is_file():
         weights = directory / PICKLED_WEIGHTS_FILE
-    return config, raw, load_tensors(weights, allow_pickle=allow_pickle)
+    return weights
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *, allow_pickle: bool = False,
@@ -108,11 +113,13 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     name = "default" if name is None else name
     check_adapter_name(name)
     config, raw, tensors = read_adapter(path, allow_pickle=allow_pickle)
-    weights_file = Path(path) / WEIGHTS_FILE
     if check_base:
         _check_base(raw.get("base_model_name_or_path"), base_model_name(model), Path(path) / CONFIG_FILE)
     modules = dict(model.named_modules())
-    targets = find_targets(model, config)
+    try:
+        targets = find_targets(model, config)
+    except TargetError as err:  # the file does not fit this model: say which file
+        raise FormatError(f"{Path(path) / CONFIG_FILE}: {err}") from None
     expected = {}
     for module_name in targets:
         module = modules[module_name]
@@ -122,8 +129,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
         key_a, key_b = kind.peft_keys
         expected[f"{KEY_PREFIX}{module_name}.{key_a}"] = shape_a
         expected[f"{KEY_PREFIX}{module_name}.{key_b}"] = shape_b
-    tensors = _drop_unchanged_base_weights(tensors, model, weights_file)
-    _check_tensors(tensors, expected, weights_file)
+    weights = weights_file(Path(path))
+    tensors = _drop_unchanged_base_weights(tensors, model, weights)
+    _check_tensors(tensors, expected, weights)
     attach(model, config, name, activate=activate, trainable=trainable)
     with torch.no_grad():
         for key, value in adapter_tensors(model, name).items():
@@ -146,7 +154,9 @@ def _drop_unchanged_base_weights(tensors: dict[str, torch.Tensor], model: nn.Mod
             module = model.get_submodule(module_name)
         except AttributeError:
             raise FormatError(f"{source}: tensor {key!r} belongs to no module of this model") from None
-        own = module.base_layer.weight if isinstance(module, LoraLayer) else module.weight
+        own = getattr(module.base_layer if isinstance(module, LoraLayer) else module, "weight", None)
+        if not isinstance(own, torch.Tensor):
+            raise FormatError(f"{source}: tensor {key!r} belongs to no module of this model with a weight")
         if own.shape != tensor.shape or not torch.allclose(own.detach().cpu().float(), tensor.float()):
             raise FormatError(f"{source}: tensor {key!r} replaces the base weight of {module_name!r} with "
                               "different values (a resized vocabulary?); lorakit adapters cannot carry base weights")
@@ -164,7 +174,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
     for key, shape in expected.items():
         tensor = tensors[key]
         if tuple(tensor.shape) != tuple(shape):
-            raise FormatError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, but the base model "
+            raise FormatError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, but its rank in adapter_config.json and the base model "
                               f"needs {tuple(shape)}")
         if not tensor.is_floating_point():
             raise FormatError(f"{source}: tensor {key!r} has dtype {tensor.dtype}; a floating-point type is needed")
@@ -174,6 +184,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
 
 def _check_base(recorded: str | None, actual: str | None, source: Path) -> None:
     """Refuse an adapter recorded for another base; names compare by their last path part, case-insensitively."""
+    if recorded is not None and not isinstance(recorded, str):
+        raise FormatError(f"{source}: base_model_name_or_path is {recorded!r}; a string or null is required")
     if not recorded or not actual:
         return
     def stem(name: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +26,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A failure (or a kill) before the rename leaves any previous ``path`` untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not tempfile.mkstemp: its files are mode 0600, and the rename would keep that mode, leaving saved
+    # adapters unreadable to other users (a serving process). os.open with 0o666 honours the umask; the
+    # mode is put back after writing because some writers (safetensors' save_file) recreate the file 0600.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,19 +44,39 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` and move ``tmp`` onto ``path`` only once it is complete."""
-    with atomic_path(path) as tmp:
-        write(tmp)
+    write_all_atomically({path: write})
+
+
+def write_all_atomically(writes: Mapping[Path, Callable[[Path], None]]) -> None:
+    """Write every file to a temporary beside it first; rename them into place only once all are complete.
+
+    A failure in any write leaves every previous file untouched, so files that belong together (an
+    adapter's config and weights) are never left half old, half new.
+    """
+    with ExitStack() as stack:
+        for path, write in writes.items():
+            write(stack.enter_context(atomic_path(path)))
+
+
+def tensor_writer(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[Path], None]:
+    """A writer of ``tensors`` as safetensors (contiguous CPU copies; PEFT's ``format: pt`` metadata)."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return lambda tmp: save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def json_writer(obj: Any) -> Callable[[Path], None]:
+    """A writer of ``obj`` as indented, key-sorted JSON."""
+    return lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` as safetensors, atomically (contiguous CPU copies; PEFT's ``format: pt`` metadata)."""
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    write_atomically(path, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+    write_atomically(path, tensor_writer(tensors, metadata))
 
 
 def save_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    write_atomically(path, json_writer(obj))
 
 
 def load_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -89,8 +114,8 @@ def load_json(path: Path) -> dict[str, Any]:
         raise FormatError(f"{path}: no such file")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{path}: not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, over-long integers, absurd nesting
+        raise FormatError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
     return obj

@@ -7,6 +7,8 @@ lora_alpha``, ``dropout -> lora_dropout``, ``targets -> target_modules``, ``excl
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,15 +73,46 @@ def from_peft_dict(obj: dict[str, Any], source: Path) -> LoraConfig:
     for required in ("r", "lora_alpha", "target_modules"):
         if required not in obj:
             raise FormatError(f"{source}: the field {required!r} is missing")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(obj.get(pattern) or {}, dict):
+            raise FormatError(f"{source}: the field {pattern!r} is {obj[pattern]!r}; a JSON object mapping module "
+                              "patterns to values is required")
+    if not isinstance(obj.get("use_rslora", False), (bool, type(None))):  # bool("false") is True: never guess
+        raise FormatError(f"{source}: the field 'use_rslora' is {obj['use_rslora']!r}; true or false is required")
+    # LoraConfig checks alpha for finiteness with float(), which overflows on 10**400, and lets an infinite
+    # alpha_pattern through: catch both here, naming the field.
+    numbers = {"'lora_alpha'": obj["lora_alpha"], "'lora_dropout'": obj.get("lora_dropout"),
+               **{f"'alpha_pattern' entry {k!r}": v for k, v in (obj.get("alpha_pattern") or {}).items()}}
+    for field, value in numbers.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= sys.float_info.max:
+            raise FormatError(f"{source}: the field {field} is {_short(value)}; a finite number is required")
     try:
         return LoraConfig(
             rank=obj["r"], alpha=obj["lora_alpha"], dropout=obj.get("lora_dropout", 0.0) or 0.0,
             targets=_modules(obj["target_modules"]), exclude=_modules(obj.get("exclude_modules")),
-            use_rslora=bool(obj.get("use_rslora", False)), rank_pattern=obj.get("rank_pattern") or {},
+            use_rslora=bool(obj.get("use_rslora")), rank_pattern=obj.get("rank_pattern") or {},
             alpha_pattern=obj.get("alpha_pattern") or {},
         )
-    except (ConfigError, TypeError, AttributeError) as err:
-        raise FormatError(f"{source}: invalid adapter config: {err}") from None
+    except (ConfigError, TypeError, AttributeError, OverflowError) as err:
+        raise FormatError(f"{source}: invalid adapter config: {_peft_field(str(err))}{err}") from None
+
+
+# lorakit's LoraConfig fields, as adapter_config.json names them.
+_PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+                "exclude": "exclude_modules", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+
+
+def _peft_field(message: str) -> str:
+    """``"the field 'r': "`` for a :class:`ConfigError` message about lorakit's ``rank``, so the error
+    names the key the user sees in the file; empty when the message names no known field."""
+    field = re.match(r"[a-z_]+", message)
+    name = field.group(0) if field else ""
+    return f"the field {_PEFT_FIELDS[name]!r}: " if name in _PEFT_FIELDS else ""
+
+
+def _short(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"
 
 
 def _modules(value: Any) -> Any:
