@@ -38,3 +38,7 @@ class ModelError(LorakitError, RuntimeError):
 
 class StateError(LorakitError, RuntimeError):
     """An operation does not apply in the current state (e.g. merging while rows use different adapters)."""
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """A training run cannot go on (e.g. the loss became NaN); earlier checkpoints are kept."""

@@ -174,8 +174,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
     for key, shape in expected.items():
         tensor = tensors[key]
         if tuple(tensor.shape) != tuple(shape):
-            raise FormatError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, but its rank in adapter_config.json and the base model "
-                              f"needs {tuple(shape)}")
+            raise FormatError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, but the rank in "
+                              f"adapter_config.json and the base model's layer call for {tuple(shape)}")
         if not tensor.is_floating_point():
             raise FormatError(f"{source}: tensor {key!r} has dtype {tensor.dtype}; a floating-point type is needed")
         if not torch.isfinite(tensor).all():
