@@ -7,13 +7,13 @@
     lorakit.save_adapter(model, "out/")   # PEFT format: loads in peft, vLLM, LoRAX
 """
 
-from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.config import ALL_LINEAR, LoraConfig, TrainConfig
 from lorakit.core.activation import active, active_weights, disabled, mixed_batch, set_active
 from lorakit.core.inject import TargetPlan, plan
 from lorakit.core.lifecycle import adapter_names, attach, delete_adapter, trainable_parameters
 from lorakit.core.merge import merge, merge_and_unload, merged_adapters, unmerge
 from lorakit.errors import (AdapterError, ConfigError, DataError, FormatError, LorakitError, ModelError,
-                            StateError, TargetError)
+                            StateError, TargetError, TrainingError)
 from lorakit.io.adapters import load_adapter, save_adapter
 from lorakit.models import DEFAULT_MODEL, load_model
 
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR", "DEFAULT_MODEL", "AdapterError", "ConfigError", "DataError", "FormatError", "LoraConfig",
-    "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "active", "active_weights",
+    "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "TrainConfig", "TrainingError", "active", "active_weights",
     "adapter_names", "attach", "delete_adapter", "disabled", "load_adapter", "load_model", "merge",
     "merge_and_unload", "merged_adapters", "mixed_batch", "plan", "save_adapter", "set_active", "trainable_parameters",
     "unmerge",

@@ -1,0 +1,56 @@
+"""Command-line flags shared by several subcommands, and the configs they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from lorakit.config import ALL_LINEAR, LoraConfig, TrainConfig
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adapter")
+    group.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: %(default)s)")
+    group.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale = alpha / r (default: %(default)s)")
+    group.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input (default: 0)")
+    group.add_argument("--targets", default=ALL_LINEAR,
+                       help="'all-linear', a comma-separated list of module names, or re:REGEX (default: %(default)s)")
+    group.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha / sqrt(r)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    length = group.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data, instead of --steps")
+    group.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (default: %(default)s)")
+    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
+    group.add_argument("--max-length", type=int, default=256, help="truncate examples to this many tokens")
+    group.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--max-grad-norm", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--eval-every", type=int, default=0, help="evaluation loss every N steps (0: at the end)")
+    group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
+    group.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
+    group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
+
+
+def _targets(text: str) -> str | tuple[str, ...]:
+    if text == ALL_LINEAR:
+        return text
+    if text.startswith("re:"):
+        return text[3:]
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def lora_config(args: argparse.Namespace) -> LoraConfig:
+    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets),
+                      use_rslora=args.rslora)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, max_length=args.max_length, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                       eval_every=args.eval_every, save_every=args.save_every, pack=args.pack, full=args.full)

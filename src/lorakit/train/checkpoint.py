@@ -1,0 +1,137 @@
+"""Resumable training checkpoints, with no pickle anywhere.
+
+A checkpoint is a directory ``checkpoints/step-N`` written atomically (built beside, then renamed):
+``trainable.safetensors`` (every trainable parameter by name), ``optimizer.safetensors`` (the
+optimizer's tensor state, keys ``state.<param index>.<name>``), ``rng.safetensors`` (torch's
+generator states) and ``state.json`` (step, data position, optimizer hyper-parameters and scalars,
+Python's random state, the training config). Restoring all of it makes a resumed run continue
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.data.batching import Position
+from lorakit.errors import FormatError
+from lorakit.io.files import load_json, load_tensors
+from lorakit.models.atomic import build_atomically
+
+CHECKPOINTS = "checkpoints"
+_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """Where a checkpointed run stands: optimizer steps done, and the next micro-batch."""
+
+    step: int
+    data: Position
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = cuda_state
+    return tensors
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, where: Resumption,
+                    config: Any, keep: int) -> Path:
+    """Write the checkpoint for ``where`` under ``run_dir/checkpoints`` and keep the newest ``keep``."""
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer_tensors, optimizer_meta = _optimizer_parts(optimizer)
+    python_state = random.getstate()
+    meta = {"step": where.step, "data": dataclasses.asdict(where.data), "optimizer": optimizer_meta,
+            "python_random": [python_state[0], list(python_state[1]), python_state[2]],
+            "config": dataclasses.asdict(config)}
+
+    def build(directory: Path) -> None:
+        save_file(trainable, str(directory / "trainable.safetensors"))
+        save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
+        save_file(_rng_tensors(), str(directory / "rng.safetensors"))
+        (directory / "state.json").write_text(json.dumps(meta, indent=1))
+
+    target = build_atomically(run_dir / CHECKPOINTS / f"{_PREFIX}{where.step}", build)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the newest checkpoint of the run directory ``path``."""
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FormatError(f"{path}: neither a checkpoint nor a run directory holding checkpoints")
+    return found[-1]
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Resumption:
+    """Restore parameters, optimizer and random states from ``checkpoint``; return where it stood."""
+    meta = load_json(checkpoint / "state.json")
+    trainable = load_tensors(checkpoint / "trainable.safetensors")
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(parameters):
+        missing = sorted(set(parameters) - set(trainable)) or sorted(set(trainable) - set(parameters))
+        raise FormatError(f"{checkpoint}: its trainable parameters do not match the model's (first: {missing[0]!r})")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if parameter.shape != trainable[name].shape:
+                raise FormatError(f"{checkpoint}: tensor {name!r} has shape {tuple(trainable[name].shape)}, "
+                                  f"the model needs {tuple(parameter.shape)}")
+            parameter.copy_(trainable[name])
+    _restore_optimizer(optimizer, load_tensors(checkpoint / "optimizer.safetensors"), meta["optimizer"])
+    rng = load_tensors(checkpoint / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return Resumption(meta["step"], Position(**meta["data"]))

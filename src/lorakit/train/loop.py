@@ -1,0 +1,179 @@
+"""The training loop: AdamW on the trainable parameters, warmup + cosine, accumulation, clipping,
+periodic evaluation and checkpoints, exact resume, and a loud stop on a non-finite loss.
+
+``train(model, tokenizer, examples, TrainConfig(...), out_dir=...)`` trains whatever requires a
+gradient (the attached adapter, or every weight with ``full=True``) and writes the result to
+``out_dir`` only when the run completes, so a failed run never replaces a good adapter.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.config import TrainConfig
+from lorakit.data.batching import Batches, Position
+from lorakit.data.encoding import encode
+from lorakit.data.example import Example
+from lorakit.data.formatting import use_chat
+from lorakit.errors import ConfigError, TrainingError
+from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
+                                      save_checkpoint)
+from lorakit.train.evaluate_loss import mean_loss
+from lorakit.train.loss import batch_tokens, summed_loss, supervised_tokens
+from lorakit.train.metrics import MetricsLog
+from lorakit.train.output import save_result
+from lorakit.train.schedule import learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run did."""
+
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    out_dir: Path | None
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _trainable(model: nn.Module, full: bool) -> list[nn.Parameter]:
+    if full:
+        if getattr(model, "lorakit_state", None) is not None:
+            raise ConfigError("full=True trains every weight; remove the model's adapters first")
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ConfigError("nothing to train: attach an adapter (lorakit.attach) or pass full=True")
+    return parameters
+
+
+def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool) -> None:
+    if out_dir is None or resume is not None or not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out_dir} is not empty; resume the run there, choose another directory, or overwrite")
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig = TrainConfig(), *,
+          out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
+          resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint."""
+    out = Path(out_dir) if out_dir is not None else None
+    resume_path = Path(resume) if resume is not None else None
+    _prepare_run_dir(out, resume_path, overwrite)
+    parameters = _trainable(model, config.full)
+    chat = use_chat(tokenizer, config.chat)
+    encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
+    eval_encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in eval_examples or []]
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    start = Resumption(0, Position())
+    if resume_path is not None:
+        start = load_checkpoint(find_checkpoint(resume_path), model, optimizer)
+    batches = Batches(encoded, batch_size=config.batch_size, pad_id=_pad_id(tokenizer), seed=config.seed,
+                      bucket=config.bucket, pack_length=config.max_length if config.pack else None)
+    total = config.total_steps(len(batches) * config.batch_size)
+    log = MetricsLog(out / METRICS_FILE if out is not None else None)
+    run = _Run(model, optimizer, config, total, batches, start.data, log, out)
+    train_loss = run.steps_from(start.step, eval_encoded, _pad_id(tokenizer), progress)
+    eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=_pad_id(tokenizer)) \
+        if eval_encoded else None
+    if eval_loss is not None:
+        log.write(step=total, eval_loss=eval_loss)
+    model.eval()
+    if out is not None:
+        save_result(model, tokenizer, out, full=config.full)
+    return TrainResult(total, train_loss, eval_loss, out, log.records)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+class _Run:
+    """The state of one run between steps."""
+
+    def __init__(self, model, optimizer, config: TrainConfig, total: int, batches: Batches, data: Position,
+                 log: MetricsLog, out: Path | None) -> None:
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.total, self.log, self.out = total, log, out
+        self.batches, self.stream, self.next_data = batches, batches.stream(data), data
+        self.warmup = config.warmup_for(total)
+
+    def steps_from(self, first: int, eval_encoded, pad_id: int, progress: bool) -> float:
+        """Run steps ``first .. total - 1``; returns the last step's loss."""
+        self.model.train()
+        bar = tqdm(total=self.total, initial=first, disable=not progress, desc="train", unit="step")
+        loss, tokens, started = float("nan"), 0, time.perf_counter()
+        for step in range(first, self.total):
+            loss, step_tokens = self._step(step)
+            tokens += step_tokens
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            done = step + 1
+            if done % max(1, self.config.log_every) == 0 or done == self.total:
+                self.log.write(step=done, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                               tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
+            if self.config.eval_every and done % self.config.eval_every == 0 and eval_encoded and done < self.total:
+                self.log.write(step=done, eval_loss=mean_loss(self.model, eval_encoded,
+                                                              batch_size=self.config.batch_size, pad_id=pad_id))
+                self.model.train()
+            if self.out is not None and self.config.save_every and done % self.config.save_every == 0:
+                save_checkpoint(self.out, self.model, self.optimizer, Resumption(done, self.next_data), self.config,
+                                self.config.keep_checkpoints)
+        bar.close()
+        return loss
+
+    def _step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
+        lr = learning_rate(step, total=self.total, warmup=self.warmup, peak=self.config.lr,
+                           min_ratio=self.config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self._next_batch() for _ in range(self.config.grad_accum)]
+        count = max(1, sum(supervised_tokens(b) for b in batches))
+        total_loss = 0.0
+        for batch in batches:
+            loss = summed_loss(self.model, batch) / count
+            if not torch.isfinite(loss):
+                self._diverged(step, loss.item())
+            loss.backward()
+            total_loss += loss.item()
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if not torch.isfinite(norm):
+            self._diverged(step, float(norm), what="gradient norm")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, sum(batch_tokens(b) for b in batches)
+
+    def _next_batch(self) -> dict:
+        position, batch = next(self.stream)
+        self.next_data = position.following(len(self.batches))
+        return batch
+
+    def _diverged(self, step: int, value: float, what: str = "training loss") -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = list_checkpoints(self.out) if self.out is not None else []
+        where = (f"the last good checkpoint is {kept[-1]} (continue with resume)" if kept
+                 else "no checkpoint had been written")
+        raise TrainingError(f"the {what} became {value} at step {step + 1}; the run stopped before updating the "
+                            f"weights, {where}, and no adapter was written")

@@ -1,0 +1,38 @@
+"""The causal language-modelling loss, summed over supervised tokens.
+
+``L = sum_t CE(logits_t, y_{t+1})`` over positions whose next-token label is not ``-100``; callers
+divide by the token count of the whole optimizer step, so gradient accumulation weighs every token
+alike however the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.data.encoding import IGNORE_INDEX
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many next-token targets in ``batch`` carry a loss."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many real (non-padding) tokens ``batch`` holds."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed next-token cross-entropy of ``batch``: ``input_ids``, ``labels`` and either an
+    ``attention_mask`` (padded rows) or ``position_ids`` (packed rows, no cache)."""
+    device = next(model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in inputs:
+        inputs["use_cache"] = False
+    logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+    targets = batch["labels"].to(device)[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,136 @@
+"""End-to-end jobs on a named base model: fine-tune, evaluate, generate, merge, inspect.
+
+Each function here is what one CLI subcommand calls; they load the base (``"smollm2-135m"`` by
+default, or any local directory or hub id), attach or load adapters, and delegate to the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.core.inject import TargetPlan, plan
+from lorakit.core.lifecycle import attach
+from lorakit.core.merge import merge_and_unload
+from lorakit.data.source import load_examples
+from lorakit.errors import ConfigError
+from lorakit.evaluation import EvalResult, evaluate
+from lorakit.generation import generate
+from lorakit.io.adapters import load_adapter, read_adapter
+from lorakit.io.files import save_json
+from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.train.loop import TrainResult, train
+
+RUN_FILE = "run.json"
+
+
+def _lora_from_dict(values: dict[str, Any]) -> LoraConfig:
+    targets = values["targets"]
+    return LoraConfig(**{**values, "targets": tuple(targets) if isinstance(targets, list) else targets,
+                         "exclude": tuple(values["exclude"]) if isinstance(values.get("exclude"), list)
+                         else values.get("exclude")})
+
+
+def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
+             config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
+             eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
+             resume: bool = False) -> TrainResult:
+    """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
+
+    ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split). The run's
+    settings go to ``out/run.json`` so that :func:`resume_finetune` can continue it.
+    """
+    out = Path(out)
+    examples = load_examples(data, split="train", n=n)
+    eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
+    model, tokenizer = load_model(base)
+    torch.manual_seed(config.seed)
+    if not config.full:
+        attach(model, lora)
+    if not resume:
+        train_args = dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
+                          lora=dataclasses.asdict(lora), config=dataclasses.asdict(config))
+        _check_fresh(out, overwrite)
+        save_json(out / RUN_FILE, train_args)
+    return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
+                 resume=out if resume else None, overwrite=overwrite, progress=progress)
+
+
+def _check_fresh(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty; pass --resume {out} to continue its run, --overwrite, "
+                          "or another --out")
+
+
+def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
+    """Continue the interrupted run in ``run_dir`` from its newest checkpoint, with its own settings."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no {RUN_FILE}; it is not a lorakit training run")
+    args = json.loads(path.read_text())
+    return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
+                    config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
+                    eval_n=args["eval_n"], progress=progress, resume=True)
+
+
+def _model_with_adapter(base: str, adapter: str | Path | None):
+    model, tokenizer = load_model(base)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def evaluate_adapter(data: str, *, base: str = DEFAULT_MODEL, adapter: str | Path | None = None,
+                     split: str = "test", n: int | None = None, batch_size: int = 16,
+                     progress: bool = False) -> EvalResult:
+    """Exact match, loss and perplexity of the base model, or of it with ``adapter``, on ``data``."""
+    examples = load_examples(data, split=split, n=n)
+    model, tokenizer = _model_with_adapter(base, adapter)
+    return evaluate(model, tokenizer, examples, batch_size=batch_size, progress=progress)
+
+
+def complete(prompts: list[str], *, base: str = DEFAULT_MODEL, adapter: str | Path | None = None,
+             **options: Any) -> list[str]:
+    """Generate a completion of each prompt with the base model, or with ``adapter``."""
+    model, tokenizer = _model_with_adapter(base, adapter)
+    return generate(model, tokenizer, prompts, **options)
+
+
+def merge_into_model(adapter: str | Path, out: str | Path, *, base: str = DEFAULT_MODEL) -> Path:
+    """Write ``base`` with ``adapter`` merged into its weights (safetensors, with the tokenizer) to ``out``."""
+    model, tokenizer = _model_with_adapter(base, adapter)
+    merged = merge_and_unload(model)
+    out = Path(out)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    """What an adapter directory holds: its config, modules, ranks, parameter count and tensor norms."""
+    config, raw, tensors = read_adapter(path)
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in sorted(tensors.items()):
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        entry = modules.setdefault(module, {})
+        side = "A" if part.startswith(("A", "embedding_A")) else "B"
+        entry[f"{side}_shape"] = list(tensor.shape)
+        entry[f"{side}_norm"] = float(tensor.float().norm())
+    for module, entry in modules.items():
+        entry["rank"] = entry["A_shape"][0]
+        entry["scale"] = config.scale_for(module)
+    return {"path": str(path), "base_model": raw.get("base_model_name_or_path"), "rank": config.rank,
+            "alpha": config.alpha, "use_rslora": config.use_rslora, "target_modules": raw.get("target_modules"),
+            "parameters": sum(t.numel() for t in tensors.values()), "modules": modules}
+
+
+def list_targets(lora: LoraConfig, *, base: str = DEFAULT_MODEL) -> list[TargetPlan]:
+    """The dry run on a named base model: which modules ``lora`` would wrap, with ranks and scales."""
+    model, _ = load_model(base)
+    return plan(model, lora)
