@@ -57,8 +57,9 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
                           lora=dataclasses.asdict(lora), config=dataclasses.asdict(config))
         _check_fresh(out, overwrite)
         save_json(out / RUN_FILE, train_args)
+    # The directory was checked above and now holds this run's run.json, which train() must not refuse.
     return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
-                 resume=out if resume else None, overwrite=overwrite, progress=progress)
+                 resume=out if resume else None, overwrite=True, progress=progress)
 
 
 def _check_fresh(out: Path, overwrite: bool) -> None:
