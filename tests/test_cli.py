@@ -123,3 +123,12 @@ def test_errors_exit_2_with_a_message(base_dir, tmp_path, capsys):
     assert main(["eval", "--base", str(base_dir), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "inspect", "targets", "tasks", "demo"])
+def test_every_subcommand_documents_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: lorakit {command}") and len(text.splitlines()) > 4

@@ -21,6 +21,9 @@ from lorakit.cli_args import add_lora_arguments, add_train_arguments, lora_confi
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
 
+TASK_EVAL_N = 100
+"""Held-out examples ``lorakit eval`` scores for a built-in task unless ``--n`` says otherwise."""
+
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from lorakit.workflows import finetune, resume_finetune
@@ -37,7 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.workflows import evaluate_adapter
-    result = evaluate_adapter(args.data, base=args.base, adapter=args.adapter, split=args.split, n=args.n,
+    n = args.n if args.n is not None or not args.data.startswith("task:") else TASK_EVAL_N
+    result = evaluate_adapter(args.data, base=args.base, adapter=args.adapter, split=args.split, n=n,
                               batch_size=args.batch_size, progress=not args.json)
     if not args.json:
         for prediction in result.predictions[: args.show]:
@@ -91,22 +95,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(task=args.task, steps=args.steps, out=args.out, test_n=args.test_n)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, evaluate, generate, merge.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _command(commands, name: str, handler, help_text: str, base: bool = True) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    if base:
+        sub.add_argument("--base", default=DEFAULT_MODEL,
+                         help=f"base model: {DEFAULT_MODEL!r}, a local directory or a hub id (default: %(default)s)")
+    return sub
 
-    def command(name: str, handler, help_text: str, base: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        if base:
-            sub.add_argument("--base", default=DEFAULT_MODEL,
-                             help=f"base model: {DEFAULT_MODEL!r}, a local directory or a hub id (default: %(default)s)")
-        return sub
 
-    train = command("train", _cmd_train, "Fine-tune a LoRA adapter (or, with --full, every weight).")
+def _add_train(commands) -> None:
+    train = _command(commands, "train", _cmd_train, "Fine-tune a LoRA adapter (or, with --full, every weight).")
     train.add_argument("--data", help="training data: a JSONL file or task:NAME")
     train.add_argument("--out", help="run directory: the adapter, metrics.jsonl, checkpoints/")
-    train.add_argument("--n", type=int, default=None, help="examples to use (task: how many to generate; default 2000)")
+    train.add_argument("--n", type=int, default=None, help="examples to use (task:NAME default: 1000)")
     train.add_argument("--eval-data", default=None, help="evaluation data for the periodic and final loss")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
@@ -114,16 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(train)
     add_train_arguments(train)
 
-    evaluate = command("eval", _cmd_eval, "Exact match, loss and perplexity of a model (with an optional adapter).")
+
+def _add_eval(commands) -> None:
+    evaluate = _command(commands, "eval", _cmd_eval,
+                        "Exact match, loss and perplexity of a model (with an optional adapter).")
     evaluate.add_argument("--data", required=True, help="a JSONL file or task:NAME")
     evaluate.add_argument("--adapter", default=None, help="adapter directory (PEFT format)")
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="task split (default: test)")
-    evaluate.add_argument("--n", type=int, default=None, help="number of examples (default: all; tasks: 100)")
+    evaluate.add_argument("--n", type=int, default=None, help=f"number of examples (default: all; task:NAME {TASK_EVAL_N})")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--show", type=int, default=5, help="predictions to print (without --json)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object with the metrics, last")
 
-    gen = command("generate", _cmd_generate, "Generate completions (chat template applied when the model has one).")
+
+def _add_generate(commands) -> None:
+    gen = _command(commands, "generate", _cmd_generate,
+                   "Generate completions (chat template applied when the model has one).")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--adapter", default=None)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -132,28 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
 
-    merge = command("merge", _cmd_merge, "Write the base model with an adapter merged into its weights.")
+
+def _add_small_commands(commands) -> None:
+    merge = _command(commands, "merge", _cmd_merge, "Write the base model with an adapter merged into its weights.")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-
-    inspect = command("inspect", _cmd_inspect, "Show what an adapter directory holds.", base=False)
+    inspect = _command(commands, "inspect", _cmd_inspect, "Show what an adapter directory holds.", base=False)
     inspect.add_argument("adapter", help="adapter directory")
-
-    targets = command("targets", _cmd_targets, "Dry run: list the modules a LoRA config would wrap.")
+    targets = _command(commands, "targets", _cmd_targets, "Dry run: list the modules a LoRA config would wrap.")
     add_lora_arguments(targets)
-
-    tasks = command("tasks", _cmd_tasks, "List the built-in tasks, or export one as JSONL.", base=False)
+    tasks = _command(commands, "tasks", _cmd_tasks, "List the built-in tasks, or export one as JSONL.", base=False)
     tasks.add_argument("action", choices=["list", "export"])
     tasks.add_argument("name", nargs="?", help="task name (for export)")
     tasks.add_argument("--split", default="train", choices=["train", "test"])
     tasks.add_argument("--n", type=int, default=100)
-
-    demo = command("demo", _cmd_demo, "Train an adapter on a built-in task and compare it with the base model.",
-                   base=False)
-    demo.add_argument("--task", default=None, help="built-in task (default: the demo's own choice)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps")
-    demo.add_argument("--test-n", type=int, default=None, help="held-out examples to score")
+    demo = _command(commands, "demo", _cmd_demo,
+                    "Train an adapter on a built-in task and compare it with the base model.", base=False)
+    demo.add_argument("--task", default=None, help="built-in task (default: date)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
+    demo.add_argument("--test-n", type=int, default=None, help="held-out examples to score (default: 100)")
     demo.add_argument("--out", default=None, help="where to keep the adapter (default: a temporary directory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, evaluate, generate, merge.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_eval, _add_generate, _add_small_commands):
+        add(commands)
     return parser
 
 

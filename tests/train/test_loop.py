@@ -74,6 +74,15 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path, monkeypatch):
         torch.testing.assert_close(saved[key], reference[key], atol=1e-6, rtol=0)
 
 
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    tokenizer, examples = char_tokenizer(), copy_examples(12)
+    config = TrainConfig(steps=2, batch_size=4, save_every=1)
+    train(adapter_model(), tokenizer, examples, config, out_dir=tmp_path, progress=False)
+    other = TrainConfig(steps=2, batch_size=2, save_every=1)
+    with pytest.raises(lorakit.FormatError, match="batch_size=4, not 2"):
+        train(adapter_model(), tokenizer, examples, other, out_dir=tmp_path, resume=tmp_path, progress=False)
+
+
 def test_checkpoints_hold_no_pickle_and_rotate(tmp_path):
     config = TrainConfig(steps=6, batch_size=4, save_every=2, keep_checkpoints=2, log_every=1)
     train(adapter_model(), char_tokenizer(), copy_examples(12), config, out_dir=tmp_path, progress=False)

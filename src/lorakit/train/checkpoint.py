@@ -112,9 +112,26 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Resumption:
-    """Restore parameters, optimizer and random states from ``checkpoint``; return where it stood."""
+# Settings that only say how often to report or save: they may change when a run resumes.
+_FREE_ON_RESUME = {"eval_every", "save_every", "keep_checkpoints", "log_every"}
+
+
+def _check_same_run(saved: dict[str, Any], config: Any, checkpoint: Path) -> None:
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current if k not in _FREE_ON_RESUME and saved.get(k) != current[k])
+    if changed:
+        key = changed[0]
+        raise FormatError(f"{checkpoint}: the run was started with {key}={saved.get(key)!r}, not {current[key]!r}; "
+                          "a resumed run must keep the settings that shape it"
+                          + (f" (also differs: {', '.join(changed[1:])})" if len(changed) > 1 else ""))
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any) -> Resumption:
+    """Restore parameters, optimizer and random states from ``checkpoint``; return where it stood.
+
+    ``config`` must agree with the run's saved one except in how often it logs, evaluates and saves."""
     meta = load_json(checkpoint / "state.json")
+    _check_same_run(meta.get("config", {}), config, checkpoint)
     trainable = load_tensors(checkpoint / "trainable.safetensors")
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(parameters):

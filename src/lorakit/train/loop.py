@@ -84,7 +84,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     start = Resumption(0, Position())
     if resume_path is not None:
-        start = load_checkpoint(find_checkpoint(resume_path), model, optimizer)
+        start = load_checkpoint(find_checkpoint(resume_path), model, optimizer, config)
     batches = Batches(encoded, batch_size=config.batch_size, pad_id=_pad_id(tokenizer), seed=config.seed,
                       bucket=config.bucket, pack_length=config.max_length if config.pack else None)
     total = config.total_steps(len(batches) * config.batch_size)
