@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.core.routing import StaticRouting
+from lorakit.core.routing import CallRouting, PerRowRouting, StaticRouting
 from lorakit.core.state import model_state
 
 
@@ -57,6 +57,13 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
 
     The same as passing ``adapter_per_row=names`` to each forward call; use it around ``generate``.
     """
+    with routed(model, PerRowRouting(tuple(names))):
+        yield model
+
+
+@contextmanager
+def routed(model: nn.Module, routing: CallRouting) -> Iterator[nn.Module]:
+    """Inside the block every forward uses ``routing`` (per-row, dense or sparse) instead of the active set."""
     state = model_state(model)
-    with state.routing.per_row(list(names), list(state.adapters)):
+    with state.routing.override(routing, list(state.adapters)):
         yield model

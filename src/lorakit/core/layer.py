@@ -6,7 +6,9 @@
 * static routing (the active set with weights ``w_i``, negative allowed):
   ``h = W0 x + sum_i w_i s_i B_i A_i drop_i(x)``;
 * per-row routing (mixed batches): row ``b`` gets ``s_j B_j A_j x_b`` for its own adapter ``j``,
-  or nothing for ``None``.
+  or nothing for ``None``;
+* dense routing (X-LoRA): ``h = W0 x + g sum_n w_n s_n B_n A_n x`` with per-token weights ``w``;
+* sparse routing (top-k): the same sum over each token's selected experts only.
 
 Merging folds ``w s B A`` into ``W0`` and records the weight; the forward then subtracts whatever
 the routing does not ask for, so merging never changes what the model computes, only where.
@@ -19,8 +21,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.core.adapter import LoraAdapter
-from lorakit.core.kinds import LayerKind
-from lorakit.core.routing import PerRowRouting, RoutingState, StaticRouting
+from lorakit.core.kinds import Conv2dKind, LayerKind
+from lorakit.core.routing import NO_ADAPTERS, DenseRouting, PerRowRouting, RoutingState, SparseRouting, StaticRouting
 from lorakit.errors import ConfigError, StateError
 
 
@@ -51,6 +53,9 @@ class LoraLayer(nn.Module):
         routing = self.routing.current()
         if isinstance(routing, PerRowRouting):
             return self._per_row(x, result, routing)
+        if isinstance(routing, (DenseRouting, SparseRouting)):
+            result = result + self._mixture_delta(x, routing).to(result.dtype)
+            routing = NO_ADAPTERS  # what is merged is still taken out below
         for name, weight in self._static_weights(routing).items():
             result = result + self._delta(self.adapters[name], x, weight).to(result.dtype)
         return result
@@ -83,6 +88,52 @@ class LoraLayer(nn.Module):
             delta = self._delta(self.adapters[name], x.index_select(0, index), 1.0)
             result = result.index_add(0, index, delta.to(result.dtype))
         return result
+
+    def _mixture_delta(self, x: torch.Tensor, routing: DenseRouting | SparseRouting) -> torch.Tensor | float:
+        """The routed experts' delta for every token of ``x`` (0 where the router leaves this layer out)."""
+        if isinstance(self.kind, Conv2dKind):
+            raise StateError("per-token expert routing applies to Linear, Conv1D and Embedding layers, not Conv2d")
+        if isinstance(routing, DenseRouting):
+            weights = routing.weights(self, x)
+            return 0.0 if weights is None else self._dense(x, routing, weights)
+        selection = routing.select(self, x)
+        return 0.0 if selection is None else self._sparse(x, routing, *selection)
+
+    def _dense(self, x: torch.Tensor, routing: DenseRouting, weights: torch.Tensor) -> torch.Tensor | float:
+        """``g sum_n w_n s_n B_n (A_n x)``: each expert on every token, its code scaled per token."""
+        delta: torch.Tensor | float = 0.0
+        for column, name in enumerate(routing.names):
+            if name not in self.adapters:
+                continue
+            adapter = self.adapters[name]
+            inputs = x.to(adapter.A.dtype) if x.is_floating_point() else x
+            code = self.kind.down(self.base_layer, adapter.drop(inputs), adapter.A)  # (..., r)
+            code = code * weights[..., column:column + 1].to(code.dtype)
+            delta = delta + self.kind.up(code, adapter.B) * (adapter.scale * routing.scale)
+        return delta
+
+    def _sparse(self, x: torch.Tensor, routing: SparseRouting, indices: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        """The dense sum restricted to each token's selected experts: one gather/scatter per expert."""
+        token_shape = indices.shape[:-1]
+        flat_x = x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1)
+        flat_indices = indices.reshape(-1, indices.shape[-1])  # (T, k)
+        flat_values = values.reshape(-1, values.shape[-1])
+        delta = None
+        for column, name in enumerate(routing.names):
+            hits = flat_indices == column
+            tokens = hits.any(dim=-1).nonzero().squeeze(-1)
+            if name not in self.adapters or tokens.numel() == 0:
+                continue
+            weight = (flat_values * hits).sum(dim=-1).index_select(0, tokens)  # (R,)
+            part = self._delta(self.adapters[name], flat_x.index_select(0, tokens), routing.scale)
+            part = part * weight.unsqueeze(-1).to(part.dtype)
+            if delta is None:
+                delta = part.new_zeros((flat_indices.shape[0], part.shape[-1]))
+            delta = delta.index_add(0, tokens, part)
+        if delta is None:
+            return torch.zeros((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+        return delta.reshape(*token_shape, delta.shape[-1])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s B A`` of adapter ``name`` in the layout and dtype of the base weight."""

@@ -23,7 +23,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     named adapters that are not active are folded at weight 1. Merging twice changes nothing."""
     state = model_state(model)
     if state.routing.call is not None:
-        raise StateError("cannot merge while a mixed batch (adapter_per_row) is running")
+        raise StateError("cannot merge while a mixed batch (adapter_per_row) or a mixture's routing is in force")
     standing = state.routing.standing.weights
     if names is None:
         weights = dict(standing)

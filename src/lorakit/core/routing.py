@@ -2,17 +2,21 @@
 
 One :class:`RoutingState` is shared by every wrapped layer of a model. It holds the model's standing
 choice (the active adapters with static weights, possibly negative) and, for the duration of one
-call, an override: one adapter per batch row (mixed batches). Layers read it; nothing else is
-smuggled into ``forward``.
+call, an override in one of three forms: one adapter per batch row (mixed batches), dense
+per-token weights over named experts (X-LoRA), or sparse top-k experts per token. Mixtures differ
+only in the routing they compute; layers read it, and nothing else is smuggled into ``forward``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
+
+import torch
 
 from lorakit.errors import AdapterError, ConfigError
 
@@ -54,6 +58,39 @@ class PerRowRouting:
         return rows
 
 
+DenseWeights = Callable[[Any, torch.Tensor], "torch.Tensor | None"]
+"""``weights(layer, x)``: expert weights ``(..., N)`` for the tokens of ``x`` at ``layer``, or ``None``."""
+
+SparseSelection = Callable[[Any, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+"""``select(layer, x)``: ``(indices, weights)``, both ``(..., k)``: each token's k experts and weights."""
+
+
+@dataclass(frozen=True)
+class DenseRouting:
+    """Per-token weights over named experts: ``h = W0 x + g sum_n w_n(x) s_n B_n A_n x``.
+
+    ``weights`` is asked at every wrapped layer (it may return that layer's own slice, as X-LoRA's
+    layerwise scalings do); column ``n`` belongs to ``names[n]``; ``scale`` is ``g``. Experts that a
+    layer does not hold are skipped there.
+    """
+
+    names: tuple[str, ...]
+    weights: DenseWeights
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SparseRouting:
+    """Each token's top-k experts: ``h = W0 x + g sum_j v_j s_{i_j} B_{i_j} A_{i_j} x``, computing only
+    the selected experts (the same output as :class:`DenseRouting` with the other weights zero)."""
+
+    names: tuple[str, ...]
+    select: SparseSelection
+    scale: float = 1.0
+
+
+CallRouting = PerRowRouting | DenseRouting | SparseRouting
+
 NO_ADAPTERS = StaticRouting({})
 
 
@@ -62,22 +99,23 @@ class RoutingState:
 
     def __init__(self) -> None:
         self.standing: StaticRouting = NO_ADAPTERS
-        self.call: PerRowRouting | None = None
+        self.call: CallRouting | None = None
         self.disabled = False
 
-    def current(self) -> StaticRouting | PerRowRouting:
+    def current(self) -> StaticRouting | CallRouting:
         """The routing for the forward now running."""
         if self.disabled:
             return NO_ADAPTERS
         return self.call if self.call is not None else self.standing
 
     @contextmanager
-    def per_row(self, names: Sequence[str | None], known: Sequence[str]) -> Iterator[None]:
-        """Route row ``i`` of every batch to adapter ``names[i]`` inside the block."""
+    def override(self, routing: CallRouting, known: Sequence[str]) -> Iterator[None]:
+        """Use ``routing`` instead of the standing choice inside the block; its names must be ``known``."""
+        names = routing.names
         unknown = sorted({n for n in names if n is not None and n not in known})
         if unknown:
-            raise AdapterError(f"adapter_per_row names unknown adapters {unknown}; known: {sorted(known)}")
-        previous, self.call = self.call, PerRowRouting(tuple(names))
+            raise AdapterError(f"routing names unknown adapters {unknown}; known: {sorted(known)}")
+        previous, self.call = self.call, routing
         try:
             yield
         finally:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.core.layer import LoraLayer
-from lorakit.core.routing import RoutingState
+from lorakit.core.routing import PerRowRouting, RoutingState
 from lorakit.errors import AdapterError
 
 STATE_ATTR = "lorakit_state"
@@ -60,7 +60,7 @@ class ModelState:
         names = kwargs.pop("adapter_per_row", None)
         stack = ExitStack()
         if names is not None:
-            stack.enter_context(self.routing.per_row(list(names), list(self.adapters)))
+            stack.enter_context(self.routing.override(PerRowRouting(tuple(names)), list(self.adapters)))
         self._calls.append(stack)
         return args, kwargs
 
