@@ -46,8 +46,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Example], *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
-             chat: bool | None = None, seed: int | None = None, progress: bool = False) -> list[str]:
-    """Complete each prompt (a string, or an Example whose prompt part is used); returns the new text only."""
+             chat: bool | None = None, seed: int | None = None, progress: bool = False,
+             model_options: dict | None = None) -> list[str]:
+    """Complete each prompt (a string, or an Example whose prompt part is used); returns the new text only.
+
+    ``model_options`` go to ``model.generate`` as they are (e.g. X-LoRA's ``reuse_prompt_scalings``)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be positive")
     if do_sample and not temperature > 0:
@@ -68,7 +71,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Example], *, m
             input_ids, mask = _left_pad(rows, pad_id)
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                       eos_token_id=stop_token_ids(model, tokenizer), **sampling)
+                                       eos_token_id=stop_token_ids(model, tokenizer), **sampling,
+                                       **(model_options or {}))
             new_tokens = generated[:, input_ids.shape[1]:]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs

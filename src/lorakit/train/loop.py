@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +70,10 @@ def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool)
 
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig = TrainConfig(), *,
           out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
-          resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint."""
+          resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+          save: Callable[[Path], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint;
+    ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model)."""
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)
@@ -97,7 +99,10 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         log.write(step=total, eval_loss=eval_loss)
     model.eval()
     if out is not None:
-        save_result(model, tokenizer, out, full=config.full)
+        if save is not None:
+            save(out)
+        else:
+            save_result(model, tokenizer, out, full=config.full)
     return TrainResult(total, train_loss, eval_loss, out, log.records)
 
 

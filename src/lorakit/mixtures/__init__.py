@@ -1,0 +1,1 @@
+"""Mixtures of LoRA experts. Each computes routing for the core layer; none patches ``forward``."""
