@@ -17,12 +17,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lorakit.cli_args import add_lora_arguments, add_train_arguments, lora_config, train_config
+from lorakit.cli_args import (TASK_EVAL_N, add_lora_arguments, add_train_arguments, example_count, lora_config,
+                              train_config)
+from lorakit.cli_xlora import add_xlora_commands
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
-
-TASK_EVAL_N = 100
-"""Held-out examples ``lorakit eval`` scores for a built-in task unless ``--n`` says otherwise."""
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -40,8 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.workflows import evaluate_adapter
-    n = args.n if args.n is not None or not args.data.startswith("task:") else TASK_EVAL_N
-    result = evaluate_adapter(args.data, base=args.base, adapter=args.adapter, split=args.split, n=n,
+    result = evaluate_adapter(args.data, base=args.base, adapter=args.adapter, split=args.split,
+                              n=example_count(args.data, args.n, TASK_EVAL_N),
                               batch_size=args.batch_size, progress=not args.json)
     if not args.json:
         for prediction in result.predictions[: args.show]:
@@ -91,6 +90,10 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    if args.which == "xlora":
+        from lorakit.mixtures.xlora.demo import run_xlora_demo
+        run_xlora_demo(args.out or "runs/xlora-demo", test_n=args.test_n or 50)
+        return
     from lorakit.demo import run_demo
     run_demo(task=args.task, steps=args.steps, out=args.out, test_n=args.test_n)
 
@@ -123,7 +126,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--data", required=True, help="a JSONL file or task:NAME")
     evaluate.add_argument("--adapter", default=None, help="adapter directory (PEFT format)")
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="task split (default: test)")
-    evaluate.add_argument("--n", type=int, default=None, help=f"number of examples (default: all; task:NAME {TASK_EVAL_N})")
+    evaluate.add_argument("--n", type=int, default=None, help=f"examples (default: all; task:NAME {TASK_EVAL_N})")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--show", type=int, default=5, help="predictions to print (without --json)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object with the metrics, last")
@@ -156,18 +159,26 @@ def _add_small_commands(commands) -> None:
     tasks.add_argument("--n", type=int, default=100)
     demo = _command(commands, "demo", _cmd_demo,
                     "Train an adapter on a built-in task and compare it with the base model.", base=False)
+    demo.add_argument("which", nargs="?", default="lora", choices=["lora", "xlora"],
+                      help="lora: one adapter vs the base model (default); xlora: experts and X-LoRA (~20 min)")
     demo.add_argument("--task", default=None, help="built-in task (default: date)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     demo.add_argument("--test-n", type=int, default=None, help="held-out examples to score (default: 100)")
-    demo.add_argument("--out", default=None, help="where to keep the adapter (default: a temporary directory)")
+    demo.add_argument("--out", default=None, help="where to keep the results (lora default: a temporary "
+                                                  "directory; xlora default: runs/xlora-demo)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, evaluate, generate, merge.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_generate, _add_small_commands):
+    for add in (_add_train, _add_eval, _add_generate, _add_small_commands, add_xlora_commands):
         add(commands)
     return parser
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    action = getattr(args, "action", None)
+    return f"{args.command} {action}" if args.command == "xlora" else args.command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,10 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.handler(args)
     except LorakitError as err:
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        print(f"lorakit {_command_name(args)}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        print(f"lorakit {_command_name(args)}: interrupted", file=sys.stderr)
         return 130
     return 0
 

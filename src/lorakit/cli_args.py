@@ -6,6 +6,9 @@ import argparse
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TrainConfig
 
+TASK_EVAL_N = 100
+"""Held-out examples an evaluation scores for a built-in task unless ``--n`` says otherwise."""
+
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapter")
@@ -17,7 +20,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha / sqrt(r)")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, *, include_full: bool = True) -> None:
     group = parser.add_argument_group("training")
     length = group.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100)")
@@ -33,7 +36,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-every", type=int, default=0, help="evaluation loss every N steps (0: at the end)")
     group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
     group.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
-    group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
+    if include_full:
+        group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
 
 
 def _targets(text: str) -> str | tuple[str, ...]:
@@ -53,4 +57,13 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, max_length=args.max_length, warmup_steps=args.warmup_steps,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                       eval_every=args.eval_every, save_every=args.save_every, pack=args.pack, full=args.full)
+                       eval_every=args.eval_every, save_every=args.save_every, pack=args.pack,
+                       full=getattr(args, "full", False))
+
+
+def example_count(data: str, n: int | None, task_default: int) -> int | None:
+    """How many examples a command reads: ``n`` if given, else all of a JSONL file or ``task_default``
+    of a built-in task (whose splits hold thousands)."""
+    if n is not None or not data.startswith("task:"):
+        return n
+    return task_default

@@ -10,7 +10,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.analysis.plots import MissingDependencyError, heatmap, shorten_labels
+from lorakit.analysis.plots import MissingDependencyError, heatmap, layer_period, shorten_labels
 from lorakit.data.batching import collate
 from lorakit.data.encoding import encode, prompt_ids
 from lorakit.data.example import Example
@@ -152,6 +152,8 @@ def test_heatmap_labels_and_shapes(tmp_path):
     assert shorten_labels(["'a'", "maths", "lm_head"]) == ["'a'", "maths", "lm_head"]
     clashing = ["model.layers.0.mlp.experts.0.up_proj", "model.layers.0.mlp.experts.1.up_proj"]
     assert shorten_labels(clashing) == ["0.up_proj", "1.up_proj"]
+    assert layer_period(names) == 2  # rows thinned by whole layers, with a line between layers
+    assert layer_period(names[:3]) is None and layer_period(["'a'", "'b'", "'c'", "'d'"]) is None
     with pytest.raises(lorakit.DataError, match="one label per row"):
         heatmap(torch.zeros(2, 3), ["a"], ["x", "y", "z"], title="t", path=tmp_path / "x.png", colorbar_label="c")
     many = heatmap(torch.rand(300, 4), [f"row {i}" for i in range(300)], list("abcd"), title="many rows",

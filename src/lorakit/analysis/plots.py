@@ -22,7 +22,7 @@ MAX_LABELS = 120
 """At most this many tick labels on an axis; beyond it only every k-th row is labelled (for module
 paths, k is chosen so that every labelled row is the same module of a layer)."""
 MAX_ANNOTATED_CELLS = 400
-"""Cells are annotated with their value when the matrix has at most this many (and few rows)."""
+"""Cells are annotated with their value when the matrix has at most this many (and <= 40 rows)."""
 INSTALL_HINT = "pip install matplotlib"
 
 # A dotted module path with a numeric component (a layer index): ``model.layers.3.self_attn.q_proj``.
@@ -55,7 +55,7 @@ def heatmap(matrix: Any, row_labels: Sequence[str], col_labels: Sequence[str], *
     canvas_type(figure)
     axes = figure.add_subplot()
     image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label=colorbar_label, fraction=0.08, pad=0.02)
+    figure.colorbar(image, ax=axes, label=colorbar_label, fraction=min(0.08, 0.4 / width), pad=0.02)
     _label_axis(axes, "x", shorten_labels(col_labels), 1)
     period = layer_period(row_labels)
     step = _label_axis(axes, "y", shorten_labels(row_labels), period or 1)
@@ -63,11 +63,10 @@ def heatmap(matrix: Any, row_labels: Sequence[str], col_labels: Sequence[str], *
         for boundary in range(period, rows, period):
             axes.axhline(boundary - 0.5, color="white", linewidth=0.8)
     axes.set_title(title)
-    if row_title:
-        axes.set_ylabel(row_title if step == 1 else f"{row_title}; every {_ordinal(step)} labelled")
+    axes.set_ylabel(_row_title(row_title, row_labels, step, period))
     if col_title:
         axes.set_xlabel(col_title)
-    if rows * cols <= MAX_ANNOTATED_CELLS and rows <= MAX_LABELS:
+    if rows * cols <= MAX_ANNOTATED_CELLS and rows <= 40:
         _annotate(axes, values, image)
     target = Path(path)
     write_atomically(target, lambda tmp: figure.savefig(tmp, format="png"))
@@ -140,7 +139,7 @@ def _label_axis(axes: Any, axis: str, labels: list[str], period: int) -> int:
     step = divisors[0] if divisors else period * -(-needed // period)
     positions = list(range(0, len(labels), step))
     shown = [labels[i] for i in positions]
-    size = 8 if len(positions) <= 40 else 6
+    size = 8 if len(positions) <= 40 else 7
     if axis == "x":
         long = max(len(label) for label in shown) > 6 or len(shown) > 12
         axes.set_xticks(positions, shown, fontsize=size, rotation=45 if long else 0,
@@ -152,6 +151,16 @@ def _label_axis(axes: Any, axis: str, labels: list[str], period: int) -> int:
     return step
 
 
+def _row_title(title: str | None, labels: Sequence[str], step: int, period: int | None) -> str:
+    """The y-axis title; when rows are thinned it says so and names the modules of each layer."""
+    lines = [title or ""]
+    if step > 1:
+        lines[0] = f"{lines[0]} (every {_ordinal(step)} labelled)".strip()
+    if period and step > 1:  # name the unlabelled rows: the modules of each layer, in order
+        lines.append("each layer: " + ", ".join(label.rsplit(".", 1)[-1] for label in labels[:period]))
+    return "\n".join(lines)
+
+
 def _ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -161,7 +170,7 @@ def _annotate(axes: Any, values: np.ndarray, image: Any) -> None:
     """Write each cell's value in it, dark on light cells and light on dark ones."""
     low, high = image.get_clim()
     middle = (low + high) / 2
-    size = 7 if values.shape[0] <= 30 else 6
+    size = 7
     for (row, col), value in np.ndenumerate(values):
         if np.isfinite(value):
             axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=size,
