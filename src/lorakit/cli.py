@@ -33,8 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
         result = finetune(args.data, args.out, base=args.base, lora=lora_config(args), config=train_config(args),
                           n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps({"out": str(result.out_dir), "steps": result.steps, "train_loss": result.train_loss,
-                      "eval_loss": result.eval_loss}))
+    print(json.dumps(result.summary()))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -42,8 +42,7 @@ def _train(args: argparse.Namespace) -> None:
         result = train_xlora(args.data, args.out, _experts(args.expert), base=args.base, xlora=_xlora_config(args),
                              config=train_config(args), n=args.n, eval_data=args.eval_data, bundle=args.bundle,
                              overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps({"out": str(result.out_dir), "steps": result.steps, "train_loss": result.train_loss,
-                      "eval_loss": result.eval_loss}))
+    print(json.dumps(result.summary()))
 
 
 def _eval(args: argparse.Namespace) -> None:

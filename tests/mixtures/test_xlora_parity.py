@@ -161,10 +161,10 @@ def test_layer_numbering_matches_peft(expert_dirs, expert_set):
     """Slot l of lorakit's scalings is the module PEFT gives layer_number l (``model.modules()`` order)."""
     xmodel, theirs = build_pair(expert_dirs[expert_set])
     peft_order = {}
-    for name, module in theirs.named_modules():
+    for name, module in theirs.base_model.lora_model.model.named_modules():  # the wrapped HF model
         bound = getattr(module.forward, "__self__", None)
         if hasattr(bound, "layer_number"):  # peft swaps each LoRA layer's forward for an XLora*Layer's
-            peft_order[bound.layer_number] = name.removeprefix("base_model.model.")
+            peft_order[bound.layer_number] = name
     assert [peft_order[slot] for slot in sorted(peft_order)] == xmodel.layer_names
     assert theirs.base_model.internal_xlora_classifier.n_layers == xmodel.n_layers
     if expert_set == "disjoint":

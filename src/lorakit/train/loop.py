@@ -46,6 +46,11 @@ class TrainResult:
     out_dir: Path | None
     metrics: list[dict] = field(default_factory=list)
 
+    def summary(self) -> dict:
+        """The one-line JSON summary the CLI prints."""
+        return {"out": str(self.out_dir), "steps": self.steps, "train_loss": self.train_loss,
+                "eval_loss": self.eval_loss}
+
 
 def _trainable(model: nn.Module, full: bool) -> list[nn.Parameter]:
     if full:
