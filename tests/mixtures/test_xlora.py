@@ -189,3 +189,36 @@ def test_loading_refuses_missing_experts_and_other_bases(tmp_path):
 def test_unknown_experts_are_refused():
     with pytest.raises(lorakit.AdapterError, match="'nope'"):
         XLoraModel(with_experts(), ["maths", "nope"])
+
+
+def test_scalings_logging_collects_every_forward():
+    xmodel = xlora()
+    xmodel.logged_scalings = []
+    xmodel.generate(token_batch(), max_new_tokens=3)
+    shapes = [tuple(s.shape) for s in xmodel.logged_scalings]
+    assert shapes == [(3, 9, 14, 3), (3, 1, 14, 3), (3, 1, 14, 3)]  # the prompt, then one token per step
+
+
+def test_an_interrupted_xlora_run_resumes_to_the_same_classifier(tmp_path, monkeypatch):
+    from lorakit.train import loop as loop_module
+    config = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, seed=1)
+    straight = xlora()
+    train(straight, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "a", progress=False,
+          save=lambda d: None)
+    real_step = loop_module._Run._step
+
+    def crash(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(loop_module._Run, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(xlora(), char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "b", progress=False,
+              save=lambda d: None)
+    monkeypatch.setattr(loop_module._Run, "_step", real_step)
+    resumed = xlora(seed=5)
+    train(resumed, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "b", resume=tmp_path / "b",
+          progress=False, save=lambda d: None)
+    for (name, a), (_, b) in zip(straight.classifier.named_parameters(), resumed.classifier.named_parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
