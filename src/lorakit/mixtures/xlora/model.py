@@ -82,15 +82,20 @@ class XLoraModel(nn.Module):
                                                                 values[:, :, self.slots[id(layer)], :]), g)
 
     def scaling_pass(self, model_inputs: dict[str, Any], cache: Any = None) -> tuple[torch.Tensor, Any]:
-        """Pass 1 (no gradient): the last hidden state with every expert at the scaling-pass value."""
+        """Pass 1 (no gradient): the last hidden state with every expert scaled by ``scaling_pass_value``.
+
+        At 0 this is the base model itself. Otherwise the constant scalings go through the same top-k,
+        top-k softmax and global weight as real scalings, exactly as PEFT does, so that classifiers
+        trained there behave the same here (a constant's top-k keeps experts 0..k-1)."""
         value = self.config.pass_value(len(self.experts))
         with torch.no_grad():
             if value == 0.0:
                 with disabled(self.base):
                     out = self.base(**model_inputs, past_key_values=cache, output_hidden_states=True)
             else:
-                constant = DenseRouting(self.experts, lambda layer, x: _filled(x, len(self.experts), value))
-                with routed(self.base, constant):
+                ids = model_inputs["input_ids"]
+                constant = torch.full((*ids.shape, self.n_layers, len(self.experts)), value, device=ids.device)
+                with routed(self.base, self.routing_for(constant)):
                     out = self.base(**model_inputs, past_key_values=cache, output_hidden_states=True)
         return out.hidden_states[-1], getattr(out, "past_key_values", None)
 
@@ -116,11 +121,6 @@ class XLoraModel(nn.Module):
         """Generate with a KV cache for each pass (see :func:`lorakit.mixtures.xlora.generation.generate`)."""
         from lorakit.mixtures.xlora.generation import generate
         return generate(self, input_ids, attention_mask, **options)
-
-
-def _filled(x: torch.Tensor, n: int, value: float) -> torch.Tensor:
-    shape = x.shape[:-1] if x.is_floating_point() else x.shape
-    return torch.full((*shape, n), value, device=x.device)
 
 
 def expert_layers(model: XLoraModel) -> list[tuple[str, LoraLayer]]:
