@@ -81,3 +81,22 @@ def char_tokenizer():
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+def run_interrupted(monkeypatch, at_step: int, run) -> None:
+    """Call ``run()`` with the training loop killed (KeyboardInterrupt) as it starts step ``at_step`` (0-based)."""
+    import pytest
+
+    from lorakit.train import loop
+
+    real_step = loop._Run._step
+
+    def crash(self, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop._Run, "_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run()

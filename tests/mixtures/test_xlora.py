@@ -15,7 +15,7 @@ from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
 from lorakit.mixtures.xlora.storage import load_xlora, save_xlora
 from lorakit.train import train
-from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
+from tests.helpers import char_tokenizer, logits, perturb, run_interrupted, tiny_llama, token_batch
 from tests.train.test_loop import copy_examples
 
 EXPERTS = {"maths": LoraConfig(rank=4, alpha=8, targets="all-linear"),
@@ -200,23 +200,12 @@ def test_scalings_logging_collects_every_forward():
 
 
 def test_an_interrupted_xlora_run_resumes_to_the_same_classifier(tmp_path, monkeypatch):
-    from lorakit.train import loop as loop_module
     config = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, seed=1)
     straight = xlora()
     train(straight, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "a", progress=False,
           save=lambda d: None)
-    real_step = loop_module._Run._step
-
-    def crash(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(loop_module._Run, "_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(xlora(), char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "b", progress=False,
-              save=lambda d: None)
-    monkeypatch.setattr(loop_module._Run, "_step", real_step)
+    run_interrupted(monkeypatch, 3, lambda: train(xlora(), char_tokenizer(), copy_examples(8), config,
+                                                  out_dir=tmp_path / "b", progress=False, save=lambda d: None))
     resumed = xlora(seed=5)
     train(resumed, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "b", resume=tmp_path / "b",
           progress=False, save=lambda d: None)

@@ -17,7 +17,7 @@ from lorakit.train import checkpoint as checkpoint_module
 from lorakit.train import loop as loop_module
 from lorakit.train import train
 from lorakit.train.schedule import learning_rate
-from tests.helpers import char_tokenizer, tiny_llama
+from tests.helpers import char_tokenizer, run_interrupted, tiny_llama
 
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
 
@@ -48,17 +48,8 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path, monkeypatch):
     train(straight, tokenizer, examples, CONFIG, out_dir=tmp_path / "straight", progress=False)
 
     interrupted = adapter_model()
-    real_step = loop_module._Run._step
-
-    def crash_at_step_five(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(loop_module._Run, "_step", crash_at_step_five)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, tokenizer, examples, CONFIG, out_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop_module._Run, "_step", real_step)
+    run_interrupted(monkeypatch, 4, lambda: train(interrupted, tokenizer, examples, CONFIG,
+                                                  out_dir=tmp_path / "resumed", progress=False))
     assert [p.name for p in checkpoint_module.list_checkpoints(tmp_path / "resumed")] == ["step-3"]
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
 

@@ -56,6 +56,8 @@ class LoraLayer(nn.Module):
         if isinstance(routing, (DenseRouting, SparseRouting)):
             result = result + self._mixture_delta(x, routing).to(result.dtype)
             routing = NO_ADAPTERS  # what is merged is still taken out below
+        if not routing.weights and not self.merged:
+            return result
         for name, weight in self._static_weights(routing).items():
             result = result + self._delta(self.adapters[name], x, weight).to(result.dtype)
         return result
@@ -100,17 +102,44 @@ class LoraLayer(nn.Module):
         return 0.0 if selection is None else self._sparse(x, routing, *selection)
 
     def _dense(self, x: torch.Tensor, routing: DenseRouting, weights: torch.Tensor) -> torch.Tensor | float:
-        """``g sum_n w_n s_n B_n (A_n x)``: each expert on every token, its code scaled per token."""
-        delta: torch.Tensor | float = 0.0
-        for column, name in enumerate(routing.names):
-            if name not in self.adapters:
-                continue
-            adapter = self.adapters[name]
-            inputs = x.to(adapter.A.dtype) if x.is_floating_point() else x
-            code = self.kind.down(self.base_layer, adapter.drop(inputs), adapter.A)  # (..., r)
-            code = code * weights[..., column:column + 1].to(code.dtype)
-            delta = delta + self.kind.up(code, adapter.B) * (adapter.scale * routing.scale)
+        """``g sum_n w_n s_n B_n (A_n x)`` with the experts stacked: ``A = [s_1 A_1; ...; s_N A_N]`` (R x d_in)
+        and ``B = [B_1 ... B_N]`` (d_out x R), so ``delta = g B ((A x) * w_{n(j)})`` where rank column j
+        belongs to expert ``n(j)``: two matrix products per layer, however many experts."""
+        present = [(column, name) for column, name in enumerate(routing.names) if name in self.adapters]
+        if not present:
+            return 0.0
+        if self.training and any(self.adapters[name].dropout > 0 for _, name in present):
+            return self._dense_with_dropout(x, routing, weights, present)
+        A, B, owner = self._stacked(present)
+        inputs = x.to(A.dtype) if x.is_floating_point() else x
+        code = self.kind.down(self.base_layer, inputs, A)  # (..., R), scales already folded into A
+        delta = self.kind.up(code * weights.index_select(-1, owner).to(code.dtype), B)
+        return delta if routing.scale == 1.0 else delta * routing.scale
+
+    def _dense_with_dropout(self, x: torch.Tensor, routing: DenseRouting, weights: torch.Tensor,
+                            present: list[tuple[int, str]]) -> torch.Tensor:
+        """The dense sum one expert at a time, each with its own dropout mask on the input."""
+        delta = 0.0
+        for column, name in present:
+            part = self._delta(self.adapters[name], x, routing.scale)
+            delta = delta + part * weights[..., column:column + 1].to(part.dtype)
         return delta
+
+    def _stacked(self, present: list[tuple[int, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' scaled factors stacked along the rank, and each rank column's expert column.
+
+        Without autograd the stack is kept until an expert's parameters change (their versions move)."""
+        adapters = [self.adapters[name] for _, name in present]
+        key = tuple((column, id(a.A), a.A._version, id(a.B), a.B._version) for (column, _), a in zip(present, adapters))
+        cached = self.__dict__.get("_stack")
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        device = adapters[0].A.device
+        stacked = (torch.cat([a.A * a.scale for a in adapters], dim=0), torch.cat([a.B for a in adapters], dim=1),
+                   torch.tensor([c for (c, _), a in zip(present, adapters) for _ in range(a.rank)], device=device))
+        if not torch.is_grad_enabled():
+            self.__dict__["_stack"] = (key, stacked)
+        return stacked
 
     def _sparse(self, x: torch.Tensor, routing: SparseRouting, indices: torch.Tensor,
                 values: torch.Tensor) -> torch.Tensor:

@@ -91,12 +91,20 @@ class XLoraModel(nn.Module):
         with torch.no_grad():
             if value == 0.0:
                 with disabled(self.base):
-                    out = self.base(**model_inputs, past_key_values=cache, output_hidden_states=True)
-            else:
-                ids = model_inputs["input_ids"]
-                constant = torch.full((*ids.shape, self.n_layers, len(self.experts)), value, device=ids.device)
-                with routed(self.base, self.routing_for(constant)):
-                    out = self.base(**model_inputs, past_key_values=cache, output_hidden_states=True)
+                    return self._last_hidden(model_inputs, cache)
+            ids = model_inputs["input_ids"]
+            constant = torch.full((*ids.shape, self.n_layers, len(self.experts)), value, device=ids.device)
+            with routed(self.base, self.routing_for(constant)):
+                return self._last_hidden(model_inputs, cache)
+
+    def _last_hidden(self, model_inputs: dict[str, Any], cache: Any) -> tuple[torch.Tensor, Any]:
+        """The last hidden state (what the LM head reads) and the cache; skips the LM head when the model
+        exposes its decoder (``hidden_states[-1]`` of the full model is the decoder's output)."""
+        decoder = self.base.get_decoder() if hasattr(self.base, "get_decoder") else None
+        if decoder is not None:
+            out = decoder(**model_inputs, past_key_values=cache)
+            return out.last_hidden_state, getattr(out, "past_key_values", None)
+        out = self.base(**model_inputs, past_key_values=cache, output_hidden_states=True)
         return out.hidden_states[-1], getattr(out, "past_key_values", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
