@@ -188,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--many-experts", type=int, default=16)
+    parser.add_argument("--many-experts", type=int, default=64)
     parser.add_argument("--sparse-batch", type=int, default=4)
     args = parser.parse_args()
 

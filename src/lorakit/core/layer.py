@@ -54,7 +54,9 @@ class LoraLayer(nn.Module):
         if isinstance(routing, PerRowRouting):
             return self._per_row(x, result, routing)
         if isinstance(routing, (DenseRouting, SparseRouting)):
-            result = result + self._mixture_delta(x, routing).to(result.dtype)
+            delta = self._mixture_delta(x, routing)
+            if torch.is_tensor(delta):  # 0.0 when no expert of this layer is routed
+                result = result + delta.to(result.dtype)
             routing = NO_ADAPTERS  # what is merged is still taken out below
         if not routing.weights and not self.merged:
             return result
@@ -142,27 +144,33 @@ class LoraLayer(nn.Module):
         return stacked
 
     def _sparse(self, x: torch.Tensor, routing: SparseRouting, indices: torch.Tensor,
-                values: torch.Tensor) -> torch.Tensor:
-        """The dense sum restricted to each token's selected experts: one gather/scatter per expert."""
-        token_shape = indices.shape[:-1]
+                values: torch.Tensor) -> torch.Tensor | float:
+        """The dense sum restricted to each token's selected experts, as a grouped product: the
+        (token, expert) pairs are sorted by expert, each expert runs once on its contiguous slice of
+        gathered inputs, and the weighted results are added back to their tokens."""
+        k = indices.shape[-1]
         flat_x = x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1)
-        flat_indices = indices.reshape(-1, indices.shape[-1])  # (T, k)
-        flat_values = values.reshape(-1, values.shape[-1])
-        delta = None
-        for column, name in enumerate(routing.names):
-            hits = flat_indices == column
-            tokens = hits.any(dim=-1).nonzero().squeeze(-1)
-            if name not in self.adapters or tokens.numel() == 0:
-                continue
-            weight = (flat_values * hits).sum(dim=-1).index_select(0, tokens)  # (R,)
-            part = self._delta(self.adapters[name], flat_x.index_select(0, tokens), routing.scale)
-            part = part * weight.unsqueeze(-1).to(part.dtype)
-            if delta is None:
-                delta = part.new_zeros((flat_indices.shape[0], part.shape[-1]))
-            delta = delta.index_add(0, tokens, part)
-        if delta is None:
-            return torch.zeros((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
-        return delta.reshape(*token_shape, delta.shape[-1])
+        local = [name if name in self.adapters else None for name in routing.names]
+        held = torch.tensor([name is not None for name in local], device=indices.device)
+        pair_expert = indices.reshape(-1)  # (T * k,)
+        pair_token = torch.arange(flat_x.shape[0], device=indices.device).repeat_interleave(k)
+        pair_value = values.reshape(-1)
+        keep = held[pair_expert].nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            return 0.0
+        order = pair_expert.index_select(0, keep).argsort(stable=True)
+        chosen = keep.index_select(0, order)
+        tokens = pair_token.index_select(0, chosen)
+        counts = torch.bincount(pair_expert.index_select(0, chosen), minlength=len(local)).tolist()
+        inputs = flat_x.index_select(0, tokens)
+        parts, start = [], 0
+        for name, count in zip(local, counts):
+            if count:
+                parts.append(self._delta(self.adapters[name], inputs[start:start + count], routing.scale))
+                start += count
+        weighted = torch.cat(parts) * pair_value.index_select(0, chosen).unsqueeze(-1).to(parts[0].dtype)
+        delta = weighted.new_zeros((flat_x.shape[0], weighted.shape[-1])).index_add_(0, tokens, weighted)
+        return delta.reshape(*indices.shape[:-1], delta.shape[-1])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s B A`` of adapter ``name`` in the layout and dtype of the base weight."""
