@@ -13,12 +13,12 @@ Methods: the base model; the base model in lorakit's X-LoRA decoding loop (to se
 cost from the mixture's); one plain LoRA adapter; lorakit X-LoRA (a KV cache per pass); lorakit
 X-LoRA with ``reuse_prompt_scalings`` (one pass per new token); lorakit X-LoRA with ``top_k=1``;
 PEFT X-LoRA (its ``generate``, which turns the cache off). Repeats run round-robin over the
-methods so that machine noise falls evenly. Then the real pass with 16 experts and ``top_k=2``,
+methods so that machine noise falls evenly. Then the real pass with 64 experts and ``top_k=2``,
 sparse vs dense with the other scalings zeroed, for a batch of 4 x 64 tokens and for one token.
 Prints one JSON line per measurement and a final summary line; results in
 ``docs/results/xlora_benchmark.md``.
 
-    .venv/bin/python benchmarks/xlora.py [--repeats 3] [--new-tokens 32] [--many-experts 16]
+    .venv/bin/python benchmarks/xlora.py [--repeats 3] [--new-tokens 32] [--many-experts 64]
 """
 
 from __future__ import annotations
