@@ -50,7 +50,8 @@ def base_model_name(model: nn.Module) -> str | None:
     return name or None
 
 
-def _task_type(model: nn.Module) -> str | None:
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``: ``CAUSAL_LM`` for causal language models, else ``None``."""
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
 
 
@@ -77,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     directory = Path(path)
     layers = [model.get_submodule(m) for m in record.modules]
     config = to_peft_dict(record.config, record.modules, base_model=base_model_name(model),
-                          task_type=_task_type(model),
+                          task_type=task_type(model),
                           fan_in_fan_out=any(isinstance(layer.kind, Conv1DKind) for layer in layers))
     write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(adapter_tensors(model, name)),
                           directory / CONFIG_FILE: json_writer(config)})

@@ -1,0 +1,1 @@
+"""Adapter initialisations that look at data: LoRA-GA (gradients) and EVA (activations)."""
