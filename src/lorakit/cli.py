@@ -17,8 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lorakit.cli_args import (TASK_EVAL_N, add_lora_arguments, add_train_arguments, example_count, lora_config,
-                              train_config)
+from lorakit.cli_args import (TASK_EVAL_N, add_init_argument, add_lora_arguments, add_train_arguments,
+                              example_count, lora_config, train_config)
 from lorakit.cli_xlora import add_xlora_commands
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
@@ -32,7 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if not args.data or not args.out:
             raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
         result = finetune(args.data, args.out, base=args.base, lora=lora_config(args), config=train_config(args),
-                          n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet)
+                          n=args.n, eval_data=args.eval_data, init=args.init, overwrite=args.overwrite,
+                          progress=not args.quiet)
     print(json.dumps(result.summary()))
 
 
@@ -116,6 +117,7 @@ def _add_train(commands) -> None:
     train.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_lora_arguments(train)
+    add_init_argument(train)
     add_train_arguments(train)
 
 

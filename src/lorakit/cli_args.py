@@ -20,6 +20,14 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha / sqrt(r)")
 
 
+def add_init_argument(parser: argparse.ArgumentParser) -> None:
+    from lorakit.init.prepare import INITS
+    parser.add_argument("--init", default="kaiming", choices=INITS,
+                        help="adapter initialisation: kaiming (A Kaiming-uniform, B = 0), gaussian, lora-ga "
+                             "(LoRA-GA: from the gradient on the first batches) or eva (EVA: from the "
+                             "activations' principal components, ranks redistributed) (default: %(default)s)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, *, include_full: bool = True) -> None:
     group = parser.add_argument_group("training")
     length = group.add_mutually_exclusive_group()

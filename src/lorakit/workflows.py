@@ -15,11 +15,11 @@ import torch
 
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import TargetPlan, plan
-from lorakit.core.lifecycle import attach
 from lorakit.core.merge import merge_and_unload
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
 from lorakit.evaluation import EvalResult, evaluate
+from lorakit.init.prepare import PreparedAdapter, prepare_adapter
 from lorakit.generation import generate
 from lorakit.io.adapters import load_adapter, read_adapter
 from lorakit.io.files import save_json
@@ -38,28 +38,30 @@ def _lora_from_dict(values: dict[str, Any]) -> LoraConfig:
 
 def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
              config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
-             eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
+             eval_n: int | None = 64, init: str = "kaiming", overwrite: bool = False, progress: bool = True,
              resume: bool = False) -> TrainResult:
     """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
 
-    ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split). The run's
-    settings go to ``out/run.json`` so that :func:`resume_finetune` can continue it.
+    ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split); ``init`` is
+    one of :data:`lorakit.init.prepare.INITS`. The run's settings go to ``out/run.json`` so that
+    :func:`resume_finetune` can continue it.
     """
     out = Path(out)
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
+    if not resume:
+        _check_fresh(out, overwrite)
     model, tokenizer = load_model(base)
     torch.manual_seed(config.seed)
+    prepared = PreparedAdapter(lora)
     if not config.full:
-        attach(model, lora)
+        prepared = prepare_adapter(model, tokenizer, examples, lora, config, init, run_dir=out, resume=resume)
     if not resume:
-        train_args = dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
-                          lora=dataclasses.asdict(lora), config=dataclasses.asdict(config))
-        _check_fresh(out, overwrite)
-        save_json(out / RUN_FILE, train_args)
-    # The directory was checked above and now holds this run's run.json, which train() must not refuse.
+        save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n, init=init,
+                                       lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config)))
+    # The directory was checked above and now holds this run's own files, which train() must not refuse.
     return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
-                 resume=out if resume else None, overwrite=True, progress=progress)
+                 resume=out if resume else None, overwrite=True, progress=progress, save=prepared.save)
 
 
 def _check_fresh(out: Path, overwrite: bool) -> None:
@@ -77,7 +79,7 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
     args = json.loads(path.read_text())
     return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
-                    eval_n=args["eval_n"], progress=progress, resume=True)
+                    eval_n=args["eval_n"], init=args.get("init", "kaiming"), progress=progress, resume=True)
 
 
 def _model_with_adapter(base: str, adapter: str | Path | None):

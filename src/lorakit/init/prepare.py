@@ -1,0 +1,91 @@
+"""Attaching the adapter a training run starts from, with the chosen initialisation.
+
+``kaiming`` (the default: A Kaiming-uniform, B = 0) and ``gaussian`` only differ in ``LoraConfig.init``.
+The data-driven inits run their estimate on the first training batches before the adapter exists:
+
+* ``lora-ga`` (Wang et al. 2024): ``grads = estimate_gradients(...)``, attach, ``init_lora_ga``; the
+  base weights move by ``-s B0 A0``, so the run saves the rank-2r adapter that reproduces the trained
+  model on the *original* base (``save_lora_ga_adapter``), and keeps ``lora_ga_init.safetensors`` so
+  that a resumed run can move the base again.
+* ``eva`` (Paischer et al. 2024): ``estimate = estimate_eva(...)``, attach with the redistributed ranks
+  (``eva_config``), ``init_eva``; the run records that config, so resuming attaches the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.core.lifecycle import attach
+from lorakit.data.batching import Batches
+from lorakit.data.encoding import encode
+from lorakit.data.example import Example
+from lorakit.data.formatting import use_chat
+from lorakit.errors import ConfigError
+
+INITS = ("kaiming", "gaussian", "lora-ga", "eva")
+LORA_GA_FILE = "lora_ga_init.safetensors"
+ESTIMATE_BATCHES = 8
+"""Training batches the data-driven inits estimate from (LoRA-GA's gradients, EVA's activations)."""
+
+
+@dataclass
+class PreparedAdapter:
+    """The adapter a run trains: the config actually attached, and how to save the result (None: PEFT format)."""
+
+    lora: LoraConfig
+    save: Callable[[Path], None] | None = None
+
+
+def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig) -> list[dict]:
+    chat = use_chat(tokenizer, config.chat)
+    encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = Batches(encoded, batch_size=config.batch_size, pad_id=int(pad or 0), seed=config.seed)
+    return [batch for _, batch in zip(range(ESTIMATE_BATCHES), batches.epoch(0))]
+
+
+def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lora: LoraConfig,
+                    config: TrainConfig, init: str, *, run_dir: Path, resume: bool) -> PreparedAdapter:
+    """Attach adapter ``"default"`` to ``model`` initialised by ``init`` (one of :data:`INITS`)."""
+    if init not in INITS:
+        raise ConfigError(f"init={init!r} is invalid: one of {', '.join(INITS)}")
+    if init in ("kaiming", "gaussian"):
+        lora = dataclasses.replace(lora, init="gaussian" if init == "gaussian" else lora.init)
+        attach(model, lora)
+        return PreparedAdapter(lora)
+    if init == "eva":
+        return _eva(model, tokenizer, examples, lora, config, resume)
+    return _lora_ga(model, tokenizer, examples, lora, config, run_dir, resume)
+
+
+def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bool) -> PreparedAdapter:
+    from lorakit.init.lora_ga import (LoraGaInit, estimate_gradients, init_lora_ga, offset_base,
+                                      save_lora_ga_adapter)
+    if resume:
+        attach(model, lora)
+        start = LoraGaInit.load(run_dir / LORA_GA_FILE)
+        offset_base(model, start)
+    else:
+        grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora)
+        attach(model, lora)
+        start = init_lora_ga(model, grads)
+        start.save(run_dir / LORA_GA_FILE)
+    return PreparedAdapter(lora, save=lambda out: save_lora_ga_adapter(model, out, "default", start))
+
+
+def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdapter:
+    from lorakit.init.eva import estimate_eva, eva_config, init_eva
+    if resume:  # the run recorded the EVA config; the checkpoint holds A and B
+        attach(model, lora)
+        return PreparedAdapter(lora)
+    estimate = estimate_eva(model, _estimation_batches(tokenizer, examples, config), lora)
+    shaped = eva_config(lora, estimate)
+    attach(model, shaped)
+    init_eva(model, estimate)
+    return PreparedAdapter(shaped)
