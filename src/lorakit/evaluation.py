@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.data.example import Example
-from lorakit.data.encoding import encode
+from lorakit.data.encoding import encode, pad_id
 from lorakit.data.formatting import use_chat
 from lorakit.data.tasks import get_task, task_names
 from lorakit.generation import generate
@@ -64,8 +64,7 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_
                            chat=chat, progress=progress)
     hits = sum((scorer or scorer_for(e))(p, e.answer) for p, e in zip(predictions, examples))
     encoded = [encode(e, tokenizer, chat=chat, max_length=max_length) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss = mean_loss(model, encoded, batch_size=batch_size, pad_id=int(pad or 0))
+    loss = mean_loss(model, encoded, batch_size=batch_size, pad_id=pad_id(tokenizer))
     n = len(examples)
     return EvalResult(n, hits / n if n else float("nan"), loss,
                       math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"), predictions)

@@ -8,15 +8,14 @@ model's configured end tokens (``<|im_end|>`` for ChatML models).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.data.example import Example
-from lorakit.data.encoding import prompt_ids
+from lorakit.core.modes import eval_mode
+from lorakit.data.encoding import pad_id, prompt_ids
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError
 
@@ -31,16 +30,6 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return sorted(ids)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -59,18 +48,18 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Example], *, m
     if seed is not None:
         torch.manual_seed(seed)
     encoded = [prompt_ids(tokenizer, p, chat=chat) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     outputs: list[str] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         starts = range(0, len(encoded), batch_size)
         for start in tqdm(starts, disable=not progress, desc="generate", unit="batch"):
             rows = encoded[start:start + batch_size]
-            input_ids, mask = _left_pad(rows, pad_id)
+            input_ids, mask = _left_pad(rows, pad)
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                       max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
                                        eos_token_id=stop_token_ids(model, tokenizer), **sampling,
                                        **(model_options or {}))
             new_tokens = generated[:, input_ids.shape[1]:]
@@ -78,10 +67,10 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Example], *, m
     return outputs
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (input_ids, attention_mask), as decoder-only generation needs."""
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)

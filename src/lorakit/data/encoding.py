@@ -144,3 +144,12 @@ def _labels(tokenizer: PreTrainedTokenizerBase, new: list[int], role: Role) -> l
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of ``text`` without the tokenizer's own special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0 (padding is always
+    masked out of attention and loss, so any valid id does)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from lorakit.config import LoraConfig
 from lorakit.core.activation import disabled
 from lorakit.core.inject import find_targets
+from lorakit.core.modes import eval_mode
 from lorakit.core.kinds import LinearKind, kind_of
 from lorakit.core.layer import LoraLayer
 from lorakit.core.state import model_state
@@ -110,13 +111,9 @@ def _input_width(model: nn.Module, name: str, rank: int) -> int:
 @contextmanager
 def _as_base_model(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and any attached adapters disabled, both restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with disabled(model) if getattr(model, "lorakit_state", None) is not None else nullcontext():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), (disabled(model) if getattr(model, "lorakit_state", None) is not None
+                            else nullcontext()):
+        yield
 
 
 def _forward(model: nn.Module, batch: Batch, device: torch.device) -> None:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,8 +23,9 @@ from lorakit.config import LoraConfig
 from lorakit.core.inject import find_targets
 from lorakit.core.kinds import Conv1DKind, LinearKind, kind_of
 from lorakit.core.layer import LoraLayer
+from lorakit.core.modes import module_mode
 from lorakit.errors import DataError, FormatError, TargetError
-from lorakit.io.files import load_tensors, save_tensors
+from lorakit.io.files import load_metadata, load_tensors, save_tensors
 from lorakit.train.loss import summed_loss, supervised_tokens
 
 _BATCHES_KEY = "num_batches"
@@ -64,8 +64,7 @@ class GradientEstimate(Mapping[str, torch.Tensor]):
         """Read an estimate written by :meth:`save`; a :class:`FormatError` names a foreign or broken file."""
         path = Path(path)
         grads = load_tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            count = (handle.metadata() or {}).get(_BATCHES_KEY)
+        count = load_metadata(path).get(_BATCHES_KEY)
         if count is None or not count.isdigit() or int(count) < 1:
             raise FormatError(f"{path}: not a lorakit gradient estimate (metadata {_BATCHES_KEY!r} is {count!r})")
         for name, grad in grads.items():
@@ -138,7 +137,7 @@ def _collecting(model: nn.Module, weights: list[nn.Parameter],
     accumulated; every flag, the weights' earlier ``.grad`` and the mode are restored in ``finally``."""
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_grads = [(weight, weight.grad) for weight in weights]
-    was_training, hooks = model.training, []
+    hooks = []
     try:
         for parameter, _ in saved_flags:
             parameter.requires_grad_(False)
@@ -146,8 +145,8 @@ def _collecting(model: nn.Module, weights: list[nn.Parameter],
             weight.grad = None
             weight.requires_grad_(True)
             hooks.append(weight.register_post_accumulate_grad_hook(collect))
-        model.train()
-        yield
+        with module_mode(model, training=True):
+            yield
     finally:
         for hook in hooks:
             hook.remove()
@@ -155,7 +154,6 @@ def _collecting(model: nn.Module, weights: list[nn.Parameter],
             parameter.requires_grad_(flag)
         for weight, grad in saved_grads:
             weight.grad = grad
-        model.train(was_training)
 
 
 def _average(sums: dict[str, torch.Tensor | None], count: int, bases: dict[str, nn.Module]) -> GradientEstimate:

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import LoraLayer
 from lorakit.errors import FormatError
-from lorakit.io.files import load_tensors, save_tensors
+from lorakit.io.files import load_metadata, load_tensors, save_tensors
 
 _SCALES_KEY = "lora_ga_scales"
 
@@ -52,8 +51,7 @@ class LoraGaInit:
         """Read a value written by :meth:`save`; a :class:`FormatError` names a foreign or broken file."""
         path = Path(path)
         tensors = load_tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(_SCALES_KEY)
+        raw = load_metadata(path).get(_SCALES_KEY)
         try:
             scales = json.loads(raw) if raw is not None else None
         except ValueError:

@@ -23,7 +23,7 @@ from torch import nn
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.batching import Batches
-from lorakit.data.encoding import encode
+from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError
@@ -45,8 +45,7 @@ class PreparedAdapter:
 def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig) -> list[dict]:
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = Batches(encoded, batch_size=config.batch_size, pad_id=int(pad or 0), seed=config.seed)
+    batches = Batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed)
     return [batch for _, batch in zip(range(ESTIMATE_BATCHES), batches.epoch(0))]
 
 

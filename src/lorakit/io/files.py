@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import FormatError
@@ -96,6 +97,16 @@ def load_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.T
     except Exception as err:  # the reader raises several types for corrupt input; all mean the same
         raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
     return tensors
+
+
+def load_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none); a :class:`FormatError`
+    names a missing or unreadable file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:  # the reader raises several types for corrupt input; all mean the same
+        raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorakit.core.modes import eval_mode
 from lorakit.data.batching import collate
 from lorakit.data.encoding import Encoded
 from lorakit.train.loss import summed_loss, supervised_tokens
@@ -15,14 +16,10 @@ from lorakit.train.loss import summed_loss, supervised_tokens
 @torch.no_grad()
 def mean_loss(model: nn.Module, encoded: Sequence[Encoded], *, batch_size: int, pad_id: int) -> float:
     """``sum of token losses / supervised tokens`` over ``encoded``, in order; ``nan`` when there are none."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(encoded), batch_size):
             batch = collate(list(encoded[start:start + batch_size]), pad_id=pad_id)
             total += float(summed_loss(model, batch))
             count += supervised_tokens(batch)
-    finally:
-        model.train(was_training)
     return total / count if count else float("nan")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lorakit.config import TrainConfig
 from lorakit.data.batching import Batches, Position
-from lorakit.data.encoding import encode
+from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError, TrainingError
@@ -92,13 +92,13 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     start = Resumption(0, Position())
     if resume_path is not None:
         start = load_checkpoint(find_checkpoint(resume_path), model, optimizer, config)
-    batches = Batches(encoded, batch_size=config.batch_size, pad_id=_pad_id(tokenizer), seed=config.seed,
+    batches = Batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed,
                       bucket=config.bucket, pack_length=config.max_length if config.pack else None)
     total = config.total_steps(len(batches) * config.batch_size)
     log = MetricsLog(out / METRICS_FILE if out is not None else None)
     run = _Run(model, optimizer, config, total, batches, start.data, log, out)
-    train_loss = run.steps_from(start.step, eval_encoded, _pad_id(tokenizer), progress)
-    eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=_pad_id(tokenizer)) \
+    train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
+    eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer)) \
         if eval_encoded else None
     if eval_loss is not None:
         log.write(step=total, eval_loss=eval_loss)
@@ -109,11 +109,6 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         else:
             save_result(model, tokenizer, out, full=config.full)
     return TrainResult(total, train_loss, eval_loss, out, log.records)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
 
 
 class _Run:

@@ -14,8 +14,7 @@ Everything runs under ``no_grad`` with the model in eval mode (restored afterwar
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.core.modes import eval_mode
 from lorakit.data.batching import collate
-from lorakit.data.encoding import encode, prompt_ids
+from lorakit.data.encoding import encode, pad_id, prompt_ids
 from lorakit.data.example import Example
 from lorakit.errors import DataError
 from lorakit.io.files import save_json
@@ -85,11 +85,11 @@ def mean_scalings(xmodel: XLoraModel, tokenizer: PreTrainedTokenizerBase, exampl
     if batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size}")
     encoded = sorted((encode(e, tokenizer, chat=chat, max_length=max_length) for e in examples), key=len)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = _device(xmodel)
     total = torch.zeros(xmodel.n_layers, len(xmodel.experts), dtype=torch.float64, device=device)
     count = 0
-    with _eval_mode(xmodel):
+    with eval_mode(xmodel):
         for start in range(0, len(encoded), batch_size):
             batch = collate(encoded[start : start + batch_size], pad)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -108,7 +108,7 @@ def token_scalings(xmodel: XLoraModel, tokenizer: PreTrainedTokenizerBase, promp
         raise DataError(f"the prompt {prompt!r} has no tokens")
     device = _device(xmodel)
     input_ids = torch.tensor([ids], device=device)
-    with _eval_mode(xmodel):
+    with eval_mode(xmodel):
         full = _scalings(xmodel, input_ids, torch.ones_like(input_ids), applied)[0].float().cpu()  # (S, L, N)
     tokens = [tokenizer.decode([token], skip_special_tokens=False) for token in ids]
     return TokenScalings(tokens, ids, list(xmodel.layer_names), list(xmodel.experts), full.mean(dim=1), full)
@@ -169,28 +169,9 @@ def _scalings(xmodel: XLoraModel, input_ids: torch.Tensor, mask: torch.Tensor, a
     return torch.zeros_like(sigma).scatter(-1, indices, values)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # padding is masked out of the mean, so any valid id does
-
-
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
 def _floats(tensor: torch.Tensor) -> list:
     return torch.round(tensor.double(), decimals=DIGITS).tolist()
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout in the classifier or the experts), restoring every submodule's flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
