@@ -46,6 +46,35 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, include_full: bool =
     group.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
     if include_full:
         group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
+        add_method_arguments(parser)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.train.components import METHODS, OPTIMIZERS, REGULARIZERS
+    group = parser.add_argument_group("method (see docs/METHODS.md for what combines)")
+    group.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                       help="; ".join(f"{k}: {c.summary}" for k, c in OPTIMIZERS.items()))
+    group.add_argument("--method", default="lora", choices=list(METHODS),
+                       help="; ".join(f"{k}: {c.summary}" for k, c in METHODS.items()))
+    group.add_argument("--regularizer", default=None, choices=list(REGULARIZERS),
+                       help="; ".join(f"{k}: {c.summary}" for k, c in REGULARIZERS.items()))
+    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                       help="a setting of the chosen optimizer/method/regularizer, e.g. allora_eta=2 or "
+                            "dylora_frozen=true (repeatable)")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return key.strip(), lowered == "true"
+    try:
+        number = float(value)
+    except ValueError:
+        return key.strip(), value.strip()
+    return key.strip(), int(number) if number.is_integer() and "." not in value and "e" not in lowered else number
 
 
 def _targets(text: str) -> str | tuple[str, ...]:
@@ -66,7 +95,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        grad_accum=args.grad_accum, max_length=args.max_length, warmup_steps=args.warmup_steps,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
                        eval_every=args.eval_every, save_every=args.save_every, pack=args.pack,
-                       full=getattr(args, "full", False))
+                       full=getattr(args, "full", False), optimizer=getattr(args, "optimizer", "adamw"),
+                       method=getattr(args, "method", "lora"), regularizer=getattr(args, "regularizer", None),
+                       options=dict(getattr(args, "option", [])))
 
 
 def example_count(data: str, n: int | None, task_default: int) -> int | None:

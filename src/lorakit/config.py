@@ -173,6 +173,14 @@ class TrainConfig:
     """Render prompts with the tokenizer's chat template; ``None``: when it has one."""
     full: bool = False
     """Full fine-tuning: every parameter of the model trains (a baseline for LoRA)."""
+    optimizer: str = "adamw"
+    """``adamw``, ``lora-pro`` (LoRA-Pro) or ``allora`` (ALLoRA); see :mod:`lorakit.train.components`."""
+    method: str = "lora"
+    """``lora``, ``dylora`` (nested ranks) or ``codyra`` (gated ranks, pruned at the end)."""
+    regularizer: str | None = None
+    """``ba-lora`` (BA-LoRA's consistency, diversity and SVD terms), or None."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Settings of the chosen optimizer, method and regularizer, by name (e.g. ``{"allora_eta": 2.0}``)."""
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.epochs is None, "steps", self.steps,
@@ -197,6 +205,8 @@ class TrainConfig:
                  "a positive number or None")
         _require(self.warmup_steps is None or (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0),
                  "warmup_steps", self.warmup_steps, "a non-negative integer or None")
+        from lorakit.train.components import check_components
+        check_components(self)
 
     def total_steps(self, n_examples: int) -> int:
         """The number of optimizer steps for ``n_examples`` training examples."""

@@ -24,6 +24,7 @@ from lorakit.generation import generate
 from lorakit.io.adapters import load_adapter, read_adapter
 from lorakit.io.files import save_json
 from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.loop import TrainResult, train
 
 RUN_FILE = "run.json"
@@ -47,6 +48,8 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     :func:`resume_finetune` can continue it.
     """
     out = Path(out)
+    check_combination(init, lora, config)
+    lora = prepared_lora(lora, config)
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
     if not resume:
@@ -59,9 +62,13 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n, init=init,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config)))
+    # The base weights move under LoRA-GA and full fine-tuning: a regularizer compares with a fresh copy.
+    moved_base = config.full or init == "lora-ga"
+    reference = load_model(base)[0] if config.regularizer is not None and moved_base else None
     # The directory was checked above and now holds this run's own files, which train() must not refuse.
     return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
-                 resume=out if resume else None, overwrite=True, progress=progress, save=prepared.save)
+                 resume=out if resume else None, overwrite=True, progress=progress, save=prepared.save,
+                 reference=reference)
 
 
 def _check_fresh(out: Path, overwrite: bool) -> None:

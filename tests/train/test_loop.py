@@ -90,15 +90,15 @@ def test_nan_loss_stops_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
     config = TrainConfig(steps=4, batch_size=4, save_every=1, log_every=1)
     train(adapter_model(), tokenizer, examples, config, out_dir=tmp_path, progress=False)
     good = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("adapter_")}
-    real_loss = loop_module.summed_loss
+    real_loss = loop_module.logits_loss
     calls = {"n": 0}
 
-    def nan_on_third_step(model, batch):
+    def nan_on_third_step(logits, batch):
         calls["n"] += 1
-        loss = real_loss(model, batch)
+        loss = real_loss(logits, batch)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(loop_module, "summed_loss", nan_on_third_step)
+    monkeypatch.setattr(loop_module, "logits_loss", nan_on_third_step)
     model = adapter_model()
     with pytest.raises(lorakit.TrainingError, match=r"became nan at step 3.*step-2"):
         train(model, tokenizer, examples, config, out_dir=tmp_path, overwrite=True, progress=False)

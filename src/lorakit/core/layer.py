@@ -46,7 +46,7 @@ class LoraLayer(nn.Module):
         """Create adapter ``name`` shaped by ``config`` (after its rank/alpha patterns for ``module_name``)."""
         self.adapters[name] = LoraAdapter(
             self.base_layer, self.kind, rank=config.rank_for(module_name), alpha=config.alpha_for(module_name),
-            scale=config.scale_for(module_name), dropout=config.dropout, init=config.init)
+            scale=config.scale_for(module_name), dropout=config.dropout, init=config.init, rslora=config.use_rslora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -73,10 +73,11 @@ class LoraLayer(nn.Module):
 
     def _delta(self, adapter: LoraAdapter, x: torch.Tensor, weight: float) -> torch.Tensor:
         """``weight * s * up(down(drop(x), A), B)``, computed in the adapter's dtype."""
+        A, B, scale = adapter.factors()
         if x.is_floating_point():
-            x = x.to(adapter.A.dtype)
-        code = self.kind.down(self.base_layer, adapter.drop(x), adapter.A)
-        return self.kind.up(code, adapter.B) * (weight * adapter.scale)
+            x = x.to(A.dtype)
+        code = self.kind.down(self.base_layer, adapter.drop(x), A)
+        return self.kind.up(code, B) * (weight * scale)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting) -> torch.Tensor:
         """Mixed batch: add each row's own adapter delta, one gather/scatter per distinct adapter."""
@@ -132,13 +133,16 @@ class LoraLayer(nn.Module):
 
         Without autograd the stack is kept until an expert's parameters change (their versions move)."""
         adapters = [self.adapters[name] for _, name in present]
-        key = tuple((column, id(a.A), a.A._version, id(a.B), a.B._version) for (column, _), a in zip(present, adapters))
+        key = tuple((column, *(id(p) for p in a.parameters()), *(p._version for p in a.parameters()), a.nested)
+                    for (column, _), a in zip(present, adapters))
         cached = self.__dict__.get("_stack")
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             return cached[1]
+        factors = [a.factors() for a in adapters]
         device = adapters[0].A.device
-        stacked = (torch.cat([a.A * a.scale for a in adapters], dim=0), torch.cat([a.B for a in adapters], dim=1),
-                   torch.tensor([c for (c, _), a in zip(present, adapters) for _ in range(a.rank)], device=device))
+        stacked = (torch.cat([A * scale for A, _, scale in factors], dim=0), torch.cat([B for _, B, _ in factors], dim=1),
+                   torch.tensor([c for (c, _), (A, _, _) in zip(present, factors) for _ in range(A.shape[0])],
+                                device=device))
         if not torch.is_grad_enabled():
             self.__dict__["_stack"] = (key, stacked)
         return stacked
@@ -174,9 +178,8 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s B A`` of adapter ``name`` in the layout and dtype of the base weight."""
-        adapter = self.adapters[name]
-        weight = self.base_layer.weight
-        return (self.kind.delta_weight(adapter.A, adapter.B) * adapter.scale).to(weight.dtype)
+        A, B, scale = self.adapters[name].factors()
+        return (self.kind.delta_weight(A, B) * scale).to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def merge(self, name: str, weight: float) -> None:

@@ -56,13 +56,13 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under PEFT's keys."""
+    """Adapter ``name``'s tensors under PEFT's keys, at full rank, with CoDyRA's gates folded into ``A``."""
     tensors = {}
     for module_name in model_state(model).require(name).modules:
         layer = model.get_submodule(module_name)
         key_a, key_b = layer.kind.peft_keys
         adapter = layer.adapters[name]
-        tensors[f"{KEY_PREFIX}{module_name}.{key_a}"] = adapter.A
+        tensors[f"{KEY_PREFIX}{module_name}.{key_a}"] = adapter.gated_A().detach()
         tensors[f"{KEY_PREFIX}{module_name}.{key_b}"] = adapter.B
     return tensors
 

@@ -1,5 +1,9 @@
-"""The training loop: AdamW on the trainable parameters, warmup + cosine, accumulation, clipping,
-periodic evaluation and checkpoints, exact resume, and a loud stop on a non-finite loss.
+"""The training loop: the chosen optimizer on the trainable parameters, warmup + cosine, accumulation,
+clipping, periodic evaluation and checkpoints, exact resume, and a loud stop on a non-finite loss.
+
+``TrainConfig.optimizer``, ``.method`` and ``.regularizer`` pick the optimizer and the loop hooks
+(:mod:`lorakit.train.components`); ``metrics.jsonl`` logs the task loss as ``loss`` and any
+regularizer's share of the objective as ``regularization``.
 
 ``train(model, tokenizer, examples, TrainConfig(...), out_dir=...)`` trains whatever requires a
 gradient (the attached adapter, or every weight with ``full=True``) and writes the result to
@@ -28,7 +32,9 @@ from lorakit.errors import ConfigError, TrainingError
 from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
                                       save_checkpoint)
 from lorakit.train.evaluate_loss import mean_loss
-from lorakit.train.loss import batch_tokens, summed_loss, supervised_tokens
+from lorakit.train.components import build_extensions, build_optimizer
+from lorakit.train.extension import TrainingExtension
+from lorakit.train.loss import batch_logits, batch_tokens, logits_loss, supervised_tokens
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate
@@ -76,19 +82,22 @@ def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool)
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig = TrainConfig(), *,
           out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
           resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          save: Callable[[Path], None] | None = None) -> TrainResult:
+          save: Callable[[Path], None] | None = None, reference: nn.Module | None = None) -> TrainResult:
     """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint;
-    ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model)."""
+    ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model);
+    ``reference`` is the frozen original model a regularizer compares with (default: ``model`` with
+    its adapters disabled)."""
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)
+    extensions = build_extensions(model, config, reference)
     parameters = _trainable(model, config.full)
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
     eval_encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in eval_examples or []]
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, parameters, config)
     start = Resumption(0, Position())
     if resume_path is not None:
         start = load_checkpoint(find_checkpoint(resume_path), model, optimizer, config)
@@ -96,8 +105,10 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
                       bucket=config.bucket, pack_length=config.max_length if config.pack else None)
     total = config.total_steps(len(batches) * config.batch_size)
     log = MetricsLog(out / METRICS_FILE if out is not None else None)
-    run = _Run(model, optimizer, config, total, batches, start.data, log, out)
+    run = _Run(model, optimizer, config, total, batches, start.data, log, out, extensions)
     train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
+    for extension in extensions:
+        extension.finish()
     eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer)) \
         if eval_encoded else None
     if eval_loss is not None:
@@ -115,8 +126,8 @@ class _Run:
     """The state of one run between steps."""
 
     def __init__(self, model, optimizer, config: TrainConfig, total: int, batches: Batches, data: Position,
-                 log: MetricsLog, out: Path | None) -> None:
-        self.model, self.optimizer, self.config = model, optimizer, config
+                 log: MetricsLog, out: Path | None, extensions: Sequence[TrainingExtension]) -> None:
+        self.model, self.optimizer, self.config, self.extensions = model, optimizer, config, extensions
         self.total, self.log, self.out = total, log, out
         self.batches, self.stream, self.next_data = batches, batches.stream(data), data
         self.warmup = config.warmup_for(total)
@@ -127,14 +138,19 @@ class _Run:
         bar = tqdm(total=self.total, initial=first, disable=not progress, desc="train", unit="step")
         loss, tokens, started = float("nan"), 0, time.perf_counter()
         for step in range(first, self.total):
-            loss, step_tokens = self._step(step)
+            for extension in self.extensions:
+                extension.before_step(step, self.total)
+            loss, regularization, step_tokens = self._step(step)
+            for extension in self.extensions:
+                extension.after_step(step, self.total)
             tokens += step_tokens
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             done = step + 1
             if done % max(1, self.config.log_every) == 0 or done == self.total:
-                self.log.write(step=done, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                extra = {"regularization": regularization} if self.config.regularizer else {}
+                self.log.write(step=done, loss=loss, **extra, lr=self.optimizer.param_groups[0]["lr"],
                                tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
             if self.config.eval_every and done % self.config.eval_every == 0 and eval_encoded and done < self.total:
                 self.log.write(step=done, eval_loss=mean_loss(self.model, eval_encoded,
@@ -146,21 +162,24 @@ class _Run:
         bar.close()
         return loss
 
-    def _step(self, step: int) -> tuple[float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
+    def _step(self, step: int) -> tuple[float, float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (task loss, regularization, tokens)."""
         lr = learning_rate(step, total=self.total, warmup=self.warmup, peak=self.config.lr,
                            min_ratio=self.config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self._next_batch() for _ in range(self.config.grad_accum)]
         count = max(1, sum(supervised_tokens(b) for b in batches))
-        total_loss = 0.0
+        task_loss, regularization = 0.0, 0.0
         for batch in batches:
-            loss = summed_loss(self.model, batch) / count
-            if not torch.isfinite(loss):
-                self._diverged(step, loss.item())
-            loss.backward()
-            total_loss += loss.item()
+            logits = batch_logits(self.model, batch)
+            loss = logits_loss(logits, batch) / count
+            extra = self._extra_loss(batch, logits) / len(batches)
+            if not torch.isfinite(loss + extra):
+                self._diverged(step, (loss + extra).item())
+            (loss + extra).backward()
+            task_loss += loss.item()
+            regularization += float(extra)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -168,7 +187,11 @@ class _Run:
             self._diverged(step, float(norm), what="gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, sum(batch_tokens(b) for b in batches)
+        return task_loss, regularization, sum(batch_tokens(b) for b in batches)
+
+    def _extra_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        terms = [t for t in (e.loss(batch, logits) for e in self.extensions) if t is not None]
+        return sum(terms, torch.zeros((), device=logits.device))
 
     def _next_batch(self) -> dict:
         position, batch = next(self.stream)

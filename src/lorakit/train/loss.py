@@ -25,14 +25,30 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed next-token cross-entropy of ``batch``: ``input_ids``, ``labels`` and either an
-    ``attention_mask`` (padded rows) or ``position_ids`` (packed rows, no cache)."""
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits (B, T, V) of ``batch``: ``input_ids`` and either an ``attention_mask`` (padded rows)
+    or ``position_ids`` (packed rows, no cache)."""
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "position_ids" in inputs:
         inputs["use_cache"] = False
-    logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
-    targets = batch["labels"].to(device)[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    return model(**inputs).logits
+
+
+def supervised_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (M, V) logits of the M positions whose next token carries a loss."""
+    mask = batch["labels"].to(logits.device)[:, 1:] != IGNORE_INDEX
+    return logits[:, :-1][mask]
+
+
+def logits_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed next-token cross-entropy of ``logits`` (B, T, V) against ``batch["labels"]``."""
+    targets = batch["labels"].to(logits.device)[:, 1:]
+    shifted = logits[:, :-1]
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed next-token cross-entropy of ``batch`` (see :func:`batch_logits` for its keys)."""
+    return logits_loss(batch_logits(model, batch), batch)

@@ -1,0 +1,1 @@
+"""Training methods that change the adapter's forward: DyLoRA (nested ranks) and CoDyRA (gated ranks)."""

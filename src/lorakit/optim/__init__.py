@@ -1,0 +1,1 @@
+"""Optimizers for LoRA factors: LoRA-Pro (full-gradient matching) and ALLoRA (norm-adaptive rates)."""

@@ -1,0 +1,1 @@
+"""Loss regularisers added to the task loss during adapter training (BA-LoRA)."""

@@ -1,0 +1,45 @@
+"""BA-LoRA's regularisers inside the training loop (Chang, Chang, Wu 2024, arXiv 2408.04556).
+
+Each micro-batch adds ``l1 L_cons + l2 L_div + l3 L_svd`` (:mod:`lorakit.regularizers.ba_lora`) computed
+on the logits of the supervised positions, against the logits ``P`` of the frozen *original* model on
+the same batch. That model is, by default, the trained model itself with its adapters disabled: exact
+when the adapter was attached to the unmodified base (kaiming, gaussian, EVA inits) and no second copy
+of the weights in memory. Runs whose base weights moved (LoRA-GA's offset, full fine-tuning) must pass
+a separately loaded copy as ``reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.core.activation import disabled
+from lorakit.core.modes import eval_mode
+from lorakit.regularizers.ba_lora import BaLoraWeights, ba_lora_terms
+from lorakit.train.extension import TrainingExtension
+from lorakit.train.loss import batch_logits, supervised_logits
+
+
+class BaLoraRegularizer(TrainingExtension):
+    """The BA-LoRA loss terms for causal-LM training (the paper's NLG form)."""
+
+    def __init__(self, model: nn.Module, weights: BaLoraWeights = BaLoraWeights(), *,
+                 reference: nn.Module | None = None) -> None:
+        self.model, self.weights, self.reference = model, weights, reference
+        if reference is not None:
+            reference.requires_grad_(False)
+
+    def reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The original model's logits for ``batch``, without gradient and without dropout."""
+        with torch.no_grad():
+            if self.reference is not None:
+                with eval_mode(self.reference):
+                    return batch_logits(self.reference, batch)
+            with disabled(self.model), eval_mode(self.model):
+                return batch_logits(self.model, batch)
+
+    def loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        trained = supervised_logits(logits, batch)
+        original = supervised_logits(self.reference_logits(batch).to(logits.device), batch)
+        return ba_lora_terms(trained, original, task="nlg", rows=batch["input_ids"].shape[0],
+                             weights=self.weights)["total"]

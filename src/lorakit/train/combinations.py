@@ -1,0 +1,71 @@
+"""Which initialisations, methods, optimizers and regularizers combine, and why some do not.
+
+======================  ===========================================================================
+refused combination     reason
+======================  ===========================================================================
+full + any LoRA method  DyLoRA, CoDyRA, LoRA-Pro and ALLoRA act on LoRA factors; full fine-tuning
+                        has none
+lora-ga + dylora        LoRA-GA offsets the base by the full-rank ``s B0 A0``; a truncated adapter
+                        would no longer cancel it, so the model would change at every rank < r
+lora-ga + codyra        random gates would rescale ``B0 A0`` and break the same cancellation
+lora-pro + dylora       LoRA-Pro's closed form matches the full gradient with the whole pair
+                        ``(A, B)``; DyLoRA trains a different truncation each step
+lora-pro + codyra       the gate is a third factor ``B diag(w) A`` outside LoRA-Pro's closed form
+allora + dylora         ALLoRA is scaling-free; DyLoRA's method is the rank-dependent scale
+                        ``alpha / b``
+allora + codyra         CoDyRA specifies AdamW with the proximal gate schedule
+allora + dropout > 0    ALLoRA is dropout-free by definition
+======================  ===========================================================================
+
+Everything else combines: EVA with DyLoRA (EVA's components are ordered by explained variance, so
+they nest), any init with LoRA-Pro or ALLoRA, BA-LoRA with anything (runs whose base weights move,
+LoRA-GA and full fine-tuning, compare with a separately loaded original model). ALLoRA and CoDyRA are
+scaling-free: :func:`scale_free` sets ``alpha`` so that ``s = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.errors import ConfigError
+
+_REFUSED = {
+    ("init", "lora-ga", "method", "dylora"): "LoRA-GA offsets the base by the full-rank s B0 A0, which a "
+                                             "truncated DyLoRA adapter would no longer cancel",
+    ("init", "lora-ga", "method", "codyra"): "CoDyRA's random gates would rescale LoRA-GA's B0 A0, which the "
+                                             "base offset must cancel",
+    ("optimizer", "lora-pro", "method", "dylora"): "LoRA-Pro matches the full gradient with the whole (A, B) "
+                                                   "pair; DyLoRA trains a different truncation each step",
+    ("optimizer", "lora-pro", "method", "codyra"): "CoDyRA's gate is a third factor B diag(w) A outside "
+                                                   "LoRA-Pro's closed form",
+    ("optimizer", "allora", "method", "dylora"): "ALLoRA is scaling-free, while DyLoRA relies on the "
+                                                 "rank-dependent scale alpha / b",
+    ("optimizer", "allora", "method", "codyra"): "CoDyRA specifies AdamW with its proximal gate schedule",
+}
+
+
+def check_combination(init: str, lora: LoraConfig, config: TrainConfig) -> None:
+    """Raise a ConfigError naming the pair and the reason if the run's choices do not combine."""
+    chosen = {"init": init, "optimizer": config.optimizer, "method": config.method}
+    if config.full and (config.optimizer != "adamw" or config.method != "lora"):
+        raise ConfigError(f"full fine-tuning cannot use optimizer={config.optimizer!r} / method={config.method!r}: "
+                          "they act on LoRA factors, and full fine-tuning has none")
+    for (kind_a, name_a, kind_b, name_b), reason in _REFUSED.items():
+        if chosen[kind_a] == name_a and chosen[kind_b] == name_b:
+            raise ConfigError(f"{kind_a}={name_a!r} does not combine with {kind_b}={name_b!r}: {reason}")
+    if config.optimizer == "allora" and lora.dropout > 0:
+        raise ConfigError(f"optimizer='allora' is dropout-free by definition; got dropout={lora.dropout}")
+
+
+def scale_free(lora: LoraConfig) -> LoraConfig:
+    """``lora`` with alpha set so that every module's scale is 1 (``alpha = r``, or ``sqrt(r)`` with rsLoRA)."""
+    def unit(rank: int) -> float:
+        return math.sqrt(rank) if lora.use_rslora else float(rank)
+    return replace(lora, alpha=unit(lora.rank), alpha_pattern={key: unit(r) for key, r in lora.rank_pattern.items()})
+
+
+def prepared_lora(lora: LoraConfig, config: TrainConfig) -> LoraConfig:
+    """The adapter config a run attaches: scaling-free for ALLoRA and CoDyRA, ``lora`` otherwise."""
+    return scale_free(lora) if config.optimizer == "allora" or config.method == "codyra" else lora
