@@ -8,6 +8,7 @@
     lorakit inspect runs/r
     lorakit targets --targets all-linear
     lorakit tasks list | lorakit tasks export NAME --split test --n 100
+    lorakit compare | dylora | continual           training methods (see lorakit.cli_methods)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from lorakit.cli_args import (TASK_EVAL_N, add_init_argument, add_lora_arguments, add_train_arguments,
                               example_count, lora_config, train_config)
+from lorakit.cli_methods import add_method_commands
 from lorakit.cli_xlora import add_xlora_commands
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
@@ -174,12 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_generate, _add_small_commands, add_xlora_commands):
         add(commands)
+    add_method_commands(commands, _command)
     return parser
 
 
 def _command_name(args: argparse.Namespace) -> str:
     action = getattr(args, "action", None)
-    return f"{args.command} {action}" if args.command == "xlora" else args.command
+    return f"{args.command} {action}" if args.command in ("xlora", "dylora") else args.command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, include_full: bool =
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--eval-every", type=int, default=0, help="evaluation loss every N steps (0: at the end)")
     group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
+    group.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps (default: 10)")
     group.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
     if include_full:
         group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
@@ -94,7 +95,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, max_length=args.max_length, warmup_steps=args.warmup_steps,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                       eval_every=args.eval_every, save_every=args.save_every, pack=args.pack,
+                       eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
                        full=getattr(args, "full", False), optimizer=getattr(args, "optimizer", "adamw"),
                        method=getattr(args, "method", "lora"), regularizer=getattr(args, "regularizer", None),
                        options=dict(getattr(args, "option", [])))

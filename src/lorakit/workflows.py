@@ -23,6 +23,7 @@ from lorakit.init.prepare import PreparedAdapter, prepare_adapter
 from lorakit.generation import generate
 from lorakit.io.adapters import load_adapter, read_adapter
 from lorakit.io.files import save_json
+from lorakit.methods.continual import ContinualResult
 from lorakit.models import DEFAULT_MODEL, load_model
 from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.loop import TrainResult, train
@@ -87,6 +88,24 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
     return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
                     eval_n=args["eval_n"], init=args.get("init", "kaiming"), progress=progress, resume=True)
+
+
+def continual_finetune(tasks: list[str], out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
+                       config: TrainConfig = TrainConfig(), n: int | None = None, eval_n: int = 50,
+                       progress: bool = True) -> ContinualResult:
+    """Train built-in ``tasks`` in order (:func:`lorakit.methods.continual.train_continual`), score each
+    task's held-out split after each, and write ``out/continual.json``."""
+    from lorakit.methods.continual import train_continual
+    out = Path(out)
+    _check_fresh(out, overwrite=False)
+    model, tokenizer = load_model(base)
+    torch.manual_seed(config.seed)
+    sequence = [(task, load_examples(f"task:{task}", split="train", n=n)) for task in tasks]
+    eval_sets = {task: load_examples(f"task:{task}", split="test", n=eval_n) for task in tasks}
+    result = train_continual(model, tokenizer, sequence, lora, config, eval_sets=eval_sets, out_dir=out,
+                             progress=progress)
+    save_json(out / "continual.json", result.to_dict())
+    return result
 
 
 def _model_with_adapter(base: str, adapter: str | Path | None):

@@ -48,7 +48,7 @@ def heatmap(matrix: Any, row_labels: Sequence[str], col_labels: Sequence[str], *
     if len(row_labels) != rows or len(col_labels) != cols:
         raise DataError(f"heatmap of a {rows} x {cols} matrix got {len(row_labels)} row labels and "
                         f"{len(col_labels)} column labels; give one label per row and per column")
-    figure_type, canvas_type = _matplotlib()
+    figure_type, canvas_type = matplotlib_classes()
     width = min(4.0 + 0.9 * cols, 16.0)
     height = 2.0 + (0.24 if rows <= 40 else 0.16) * min(rows, MAX_LABELS)
     figure = figure_type(figsize=(width, height), dpi=100, layout="constrained")
@@ -177,7 +177,7 @@ def _annotate(axes: Any, values: np.ndarray, image: Any) -> None:
                       color="black" if value > middle else "white")
 
 
-def _matplotlib() -> tuple[Any, Any]:
+def matplotlib_classes() -> tuple[Any, Any]:
     """``(Figure, FigureCanvasAgg)``, or a :class:`MissingDependencyError` saying how to install them."""
     try:
         import matplotlib  # noqa: F401  (imported first so that a missing package fails here)

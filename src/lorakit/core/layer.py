@@ -140,9 +140,9 @@ class LoraLayer(nn.Module):
             return cached[1]
         factors = [a.factors() for a in adapters]
         device = adapters[0].A.device
-        stacked = (torch.cat([A * scale for A, _, scale in factors], dim=0), torch.cat([B for _, B, _ in factors], dim=1),
-                   torch.tensor([c for (c, _), (A, _, _) in zip(present, factors) for _ in range(A.shape[0])],
-                                device=device))
+        owner = [column for (column, _), (A, _, _) in zip(present, factors) for _ in range(A.shape[0])]
+        stacked = (torch.cat([A * scale for A, _, scale in factors], dim=0),
+                   torch.cat([B for _, B, _ in factors], dim=1), torch.tensor(owner, device=device))
         if not torch.is_grad_enabled():
             self.__dict__["_stack"] = (key, stacked)
         return stacked

@@ -1,26 +1,11 @@
 """Which initialisations, methods, optimizers and regularizers combine, and why some do not.
 
-======================  ===========================================================================
-refused combination     reason
-======================  ===========================================================================
-full + any LoRA method  DyLoRA, CoDyRA, LoRA-Pro and ALLoRA act on LoRA factors; full fine-tuning
-                        has none
-lora-ga + dylora        LoRA-GA offsets the base by the full-rank ``s B0 A0``; a truncated adapter
-                        would no longer cancel it, so the model would change at every rank < r
-lora-ga + codyra        random gates would rescale ``B0 A0`` and break the same cancellation
-lora-pro + dylora       LoRA-Pro's closed form matches the full gradient with the whole pair
-                        ``(A, B)``; DyLoRA trains a different truncation each step
-lora-pro + codyra       the gate is a third factor ``B diag(w) A`` outside LoRA-Pro's closed form
-allora + dylora         ALLoRA is scaling-free; DyLoRA's method is the rank-dependent scale
-                        ``alpha / b``
-allora + codyra         CoDyRA specifies AdamW with the proximal gate schedule
-allora + dropout > 0    ALLoRA is dropout-free by definition
-======================  ===========================================================================
-
-Everything else combines: EVA with DyLoRA (EVA's components are ordered by explained variance, so
-they nest), any init with LoRA-Pro or ALLoRA, BA-LoRA with anything (runs whose base weights move,
-LoRA-GA and full fine-tuning, compare with a separately loaded original model). ALLoRA and CoDyRA are
-scaling-free: :func:`scale_free` sets ``alpha`` so that ``s = 1``.
+:data:`_REFUSED` holds each refused pair with its reason (docs/METHODS.md shows the same table); full
+fine-tuning refuses every LoRA-factor method, and ALLoRA refuses dropout. Everything else combines:
+EVA with DyLoRA (EVA's components are ordered by explained variance, so they nest), any init with
+LoRA-Pro or ALLoRA, BA-LoRA with anything (runs whose base weights move, LoRA-GA and full
+fine-tuning, compare with a separately loaded original model). ALLoRA and CoDyRA are scaling-free:
+:func:`scale_free` sets ``alpha`` so that ``s = 1``.
 """
 
 from __future__ import annotations

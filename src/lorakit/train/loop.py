@@ -51,11 +51,13 @@ class TrainResult:
     eval_loss: float | None
     out_dir: Path | None
     metrics: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    """How many numbers the optimizer trained."""
 
     def summary(self) -> dict:
         """The one-line JSON summary the CLI prints."""
         return {"out": str(self.out_dir), "steps": self.steps, "train_loss": self.train_loss,
-                "eval_loss": self.eval_loss}
+                "eval_loss": self.eval_loss, "trainable_parameters": self.trainable_parameters}
 
 
 def _trainable(model: nn.Module, full: bool) -> list[nn.Parameter]:
@@ -119,7 +121,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
             save(out)
         else:
             save_result(model, tokenizer, out, full=config.full)
-    return TrainResult(total, train_loss, eval_loss, out, log.records)
+    return TrainResult(total, train_loss, eval_loss, out, log.records, sum(p.numel() for p in parameters))
 
 
 class _Run:
@@ -179,7 +181,7 @@ class _Run:
                 self._diverged(step, (loss + extra).item())
             (loss + extra).backward()
             task_loss += loss.item()
-            regularization += float(extra)
+            regularization += extra.item()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)

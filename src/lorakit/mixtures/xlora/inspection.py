@@ -139,9 +139,9 @@ def inspect_xlora(xmodel: XLoraModel, tokenizer: PreTrainedTokenizerBase, exampl
     Returns the JSON object written: ``{"mean_scalings": ..., "token_scalings": ..., "plots": [...]}``.
     Needs matplotlib (``pip install matplotlib``); it is checked before the model runs.
     """
-    from lorakit.analysis.plots import _matplotlib, heatmap
+    from lorakit.analysis.plots import heatmap, matplotlib_classes
 
-    _matplotlib()  # fail fast, before minutes of forward passes, when matplotlib is missing
+    matplotlib_classes()  # fail fast, before minutes of forward passes, when matplotlib is missing
     out = Path(out_dir)
     summary = mean_scalings(xmodel, tokenizer, examples, batch_size=batch_size, chat=chat, max_length=max_length)
     per_token = token_scalings(xmodel, tokenizer, prompt, chat=chat)
