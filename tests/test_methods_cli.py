@@ -11,19 +11,11 @@ from lorakit.cli import build_parser, main
 from lorakit.cli_args import train_config
 from lorakit.comparison import compare_methods, smoothed, steps_to
 from lorakit.data.jsonl import save_jsonl
-from tests.helpers import char_tokenizer, tiny_llama
+from lorakit.errors import ConfigError
 from tests.train.test_loop import copy_examples
 
 TRAIN_FLAGS = ["--steps", "3", "--batch-size", "4", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj",
                "--lr", "0.01"]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +87,15 @@ def test_compare_trains_each_method_once_and_writes_the_report(base_dir, data, t
                             target_loss=100.0, base=str(base_dir), progress=False)
     assert again[0] == results[0]  # read back, not trained again
     assert (tmp_path / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    lower = compare_methods(str(data), tmp_path, methods=["lora"], train_flags=TRAIN_FLAGS, eval_n=3,
+                            target_loss=-1.0, base=str(base_dir), progress=False)
+    assert lower[0].steps_to_target is None and lower[0].losses == results[0].losses
+    with pytest.raises(ConfigError, match="holds a run of"):
+        compare_methods(str(data), tmp_path, methods=["lora"], train_flags=[*TRAIN_FLAGS, "--seed", "1"], eval_n=3,
+                        base=str(base_dir), progress=False)
 
 
 def test_compare_refuses_an_unknown_method(tmp_path):
-    from lorakit.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown method 'qlora'"):
         compare_methods("task:date", tmp_path, methods=["lora", "qlora"])
     assert not any(tmp_path.iterdir())

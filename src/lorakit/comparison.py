@@ -6,7 +6,8 @@ from ``os.wait4``). Reported per method: the loss curve, the steps until the los
 ``SMOOTHING`` steps) first reaches ``target_loss``, the final held-out exact match, the trainable
 parameters, seconds per step of the training loop, the set-up time before it (LoRA-GA's and EVA's
 estimates) and the peak resident memory. A method whose directory already holds a finished run is
-not trained again, so an interrupted comparison continues where it stopped.
+not trained again (its steps to the target are recomputed, so a report for another target is cheap),
+so an interrupted comparison continues where it stopped; a run made with other flags is refused.
 """
 
 from __future__ import annotations
@@ -106,14 +107,25 @@ def _loss_curve(run_dir: Path) -> tuple[list[float], float]:
     return [r["loss"] for r in steps], steps[-1]["elapsed_s"]
 
 
+def _finished(run_dir: Path, command: str, target_loss: float) -> MethodResult:
+    """The result a finished run left in ``run_dir`` (steps to ``target_loss`` recomputed); refused if
+    that run was trained with another command."""
+    result = MethodResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+    if result.command != command:
+        raise ConfigError(f"{run_dir} holds a run of `{result.command}`, not `{command}`; "
+                          "use another --out or remove that directory")
+    result.steps_to_target = steps_to(result.losses, target_loss)
+    return result
+
+
 def compare_method(method: str, data: str, out: Path, *, train_flags: Sequence[str], eval_n: int,
                    target_loss: float, base: str) -> MethodResult:
     """Train and score one method in ``out/<method>`` (or read the result a finished run left there)."""
     from lorakit.workflows import evaluate_adapter
     run_dir = out / method
-    if (run_dir / RESULT_FILE).is_file():
-        return MethodResult(**json.loads((run_dir / RESULT_FILE).read_text()))
     command = _train_command(method, data, run_dir, ["--base", base, *train_flags])
+    if (run_dir / RESULT_FILE).is_file():
+        return _finished(run_dir, shlex.join(["lorakit", *command[3:]]), target_loss)
     summary, wall, peak = _run_training(command)
     losses, loop_seconds = _loss_curve(run_dir)
     scored = evaluate_adapter(data, base=base, adapter=run_dir, n=eval_n)

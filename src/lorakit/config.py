@@ -133,7 +133,8 @@ def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How a training run goes: AdamW on the trainable parameters, linear warmup then cosine decay."""
+    """How a training run goes: the optimizer (AdamW by default) on the trainable parameters, linear warmup
+    then cosine decay, and any training method or regularizer."""
 
     steps: int | None = None
     """Optimizer steps to take; exactly one of ``steps`` and ``epochs`` is set (default: 100 steps)."""

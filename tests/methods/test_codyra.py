@@ -28,7 +28,7 @@ def gated_model():
 
 
 def test_the_gates_scale_each_component():
-    model, ids = gated_model(), token_batch()
+    model = gated_model()
     layer = model.get_submodule("lm_head")
     adapter = layer.adapters["default"]
     with torch.no_grad():

@@ -94,31 +94,15 @@ def test_a_merged_model_refuses_a_rank_change():
         set_nested_rank(model, 2)
 
 
-def test_dylora_training_resumes_exactly_and_every_rank_learns(tmp_path, monkeypatch):
-    from tests.helpers import run_interrupted
-    tokenizer, examples = char_tokenizer(), copy_examples(24)
-    config = TrainConfig(steps=6, batch_size=4, lr=1e-2, save_every=3, seed=2, method="dylora")
-
-    def fresh():
-        model = tiny_llama()
-        torch.manual_seed(0)
-        lorakit.attach(model, LORA)
-        return model
-
-    straight = fresh()
-    train(straight, tokenizer, examples, config, out_dir=tmp_path / "a", progress=False)
-    resumed = fresh()
-    run_interrupted(monkeypatch, 4, lambda: train(resumed, tokenizer, examples, config, out_dir=tmp_path / "b",
-                                                  progress=False))
-    resumed = fresh()
-    train(resumed, tokenizer, examples, config, out_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
-    for (name, p), q in zip(lorakit.trainable_parameters(straight).items(),
-                            lorakit.trainable_parameters(resumed).values()):
-        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
-    # The ranks drawn in 6 steps: components beyond the largest drawn rank never moved (B started at 0).
-    largest = max(sample_rank(2, s, 4) for s in range(6))
-    B = straight.get_submodule("lm_head").adapters["default"].B
-    assert torch.count_nonzero(B[:, :largest]) > 0 and torch.count_nonzero(B[:, largest:]) == 0
+def test_a_dylora_run_trains_only_the_components_of_the_ranks_it_drew():
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, seed=2, method="dylora")
+    drawn = [sample_rank(2, step, 4) for step in range(3)]
+    assert max(drawn) < 4  # seed 2 draws no full-rank step in 3 steps, so the last component must stay put
+    model = tiny_llama()
+    lorakit.attach(model, LORA)
+    train(model, char_tokenizer(), copy_examples(24), config, progress=False)
+    B = model.get_submodule("lm_head").adapters["default"].B  # B starts at 0: non-zero columns were trained
+    assert torch.count_nonzero(B[:, :max(drawn)]) > 0 and torch.count_nonzero(B[:, max(drawn):]) == 0
 
 
 def test_truncated_export_reloads_as_the_adapter_at_that_rank(tmp_path):

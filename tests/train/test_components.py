@@ -109,7 +109,7 @@ def test_the_ba_lora_term_uses_the_original_model_and_is_added_to_the_loss():
 
 
 @pytest.mark.parametrize("changes", [{"optimizer": "lora-pro"}, {"optimizer": "allora"},
-                                     {"regularizer": "ba-lora"}, {"method": "codyra"}])
+                                     {"regularizer": "ba-lora"}, {"method": "codyra"}, {"method": "dylora"}])
 def test_every_component_resumes_exactly(tmp_path, monkeypatch, changes):
     tokenizer, examples = char_tokenizer(), copy_examples(24)
     config = TrainConfig(steps=6, batch_size=4, lr=1e-2, save_every=3, seed=2, **changes)
