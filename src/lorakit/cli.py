@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from lorakit.cli_args import (TASK_EVAL_N, add_init_argument, add_lora_arguments, add_train_arguments,
                               example_count, lora_config, train_config)
+from lorakit.cli_combine import add_combine_command
 from lorakit.cli_methods import add_method_commands
 from lorakit.cli_xlora import add_xlora_commands
 from lorakit.errors import LorakitError
@@ -27,16 +28,33 @@ from lorakit.models import DEFAULT_MODEL
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from lorakit.workflows import finetune, resume_finetune
+    from lorakit.workflows import finetune, finetune_adapters, resume_finetune
     if args.resume:
         result = resume_finetune(args.resume, progress=not args.quiet)
+    elif not args.data or not args.out:
+        raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
+    elif len(args.data) > 1 or "=" in args.data[0]:
+        if args.init != "kaiming" or args.eval_data:
+            raise LorakitError("several adapters in one batch train from the default init, without --eval-data")
+        result = finetune_adapters(_named_datasets(args.data), args.out, base=args.base, lora=lora_config(args),
+                                   config=train_config(args), n=args.n, overwrite=args.overwrite,
+                                   progress=not args.quiet)
     else:
-        if not args.data or not args.out:
-            raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
-        result = finetune(args.data, args.out, base=args.base, lora=lora_config(args), config=train_config(args),
+        result = finetune(args.data[0], args.out, base=args.base, lora=lora_config(args), config=train_config(args),
                           n=args.n, eval_data=args.eval_data, init=args.init, overwrite=args.overwrite,
                           progress=not args.quiet)
     print(json.dumps(result.summary()))
+
+
+def _named_datasets(values: list[str]) -> dict[str, str]:
+    """``NAME=DATA`` pairs (several adapters trained in one batch) as a dict; each name once."""
+    pairs = [value.partition("=") for value in values]
+    if any(not name or not sep or not data for name, sep, data in pairs):
+        raise LorakitError("to train several adapters give every --data as NAME=FILE (or NAME=task:TASK)")
+    names = [name for name, _, _ in pairs]
+    if len(set(names)) != len(names):
+        raise LorakitError(f"adapter names repeat in --data: {names}")
+    return {name: data for name, _, data in pairs}
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -111,8 +129,10 @@ def _command(commands, name: str, handler, help_text: str, base: bool = True) ->
 
 def _add_train(commands) -> None:
     train = _command(commands, "train", _cmd_train, "Fine-tune a LoRA adapter (or, with --full, every weight).")
-    train.add_argument("--data", help="training data: a JSONL file or task:NAME")
-    train.add_argument("--out", help="run directory: the adapter, metrics.jsonl, checkpoints/")
+    train.add_argument("--data", action="append", help="training data: a JSONL file or task:NAME; repeat as "
+                                                        "NAME=DATA to train one adapter per NAME in shared batches")
+    train.add_argument("--out", help="run directory: the adapter (or one directory per NAME), metrics.jsonl, "
+                                     "checkpoints/")
     train.add_argument("--n", type=int, default=None, help="examples to use (task:NAME default: 1000)")
     train.add_argument("--eval-data", default=None, help="evaluation data for the periodic and final loss")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest checkpoint")
@@ -177,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_eval, _add_generate, _add_small_commands, add_xlora_commands):
         add(commands)
     add_method_commands(commands, _command)
+    add_combine_command(commands, _command)
     return parser
 
 

@@ -15,6 +15,7 @@ import torch
 
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import TargetPlan, plan
+from lorakit.core.lifecycle import attach
 from lorakit.core.merge import merge_and_unload
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
@@ -72,6 +73,28 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
                  reference=reference)
 
 
+def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = DEFAULT_MODEL,
+                      lora: LoraConfig = LoraConfig(), config: TrainConfig = TrainConfig(), n: int | None = None,
+                      overwrite: bool = False, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train one adapter per ``name -> data`` pair in shared batches (:func:`lorakit.train.multi.train_adapters`);
+    adapter ``name`` goes to ``out/name``, the run's settings to ``out/run.json``."""
+    from lorakit.train.multi import check_multi_config, train_adapters
+    out = Path(out)
+    check_multi_config(config)
+    examples = {name: load_examples(data, split="train", n=n) for name, data in datasets.items()}
+    if not resume:
+        _check_fresh(out, overwrite)
+    model, tokenizer = load_model(base)
+    torch.manual_seed(config.seed)
+    for name in datasets:
+        attach(model, lora, name, activate=False)
+    if not resume:
+        save_json(out / RUN_FILE, dict(base=base, datasets=datasets, n=n, lora=dataclasses.asdict(lora),
+                                       config=dataclasses.asdict(config)))
+    return train_adapters(model, tokenizer, examples, config, out_dir=out, resume=out if resume else None,
+                          overwrite=True, progress=progress)
+
+
 def _check_fresh(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --resume {out} to continue its run, --overwrite, "
@@ -85,6 +108,9 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no {RUN_FILE}; it is not a lorakit training run")
     args = json.loads(path.read_text())
+    if "datasets" in args:
+        return finetune_adapters(args["datasets"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
+                                 config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True)
     return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
                     eval_n=args["eval_n"], init=args.get("init", "kaiming"), progress=progress, resume=True)

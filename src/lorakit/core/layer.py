@@ -21,7 +21,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.core.adapter import LoraAdapter
-from lorakit.core.kinds import Conv2dKind, LayerKind
+from lorakit.core.kinds import Conv2dKind, EmbeddingKind, LayerKind
+from lorakit.core.per_row import per_row_delta, stacked_factors
 from lorakit.core.routing import NO_ADAPTERS, DenseRouting, PerRowRouting, RoutingState, SparseRouting, StaticRouting
 from lorakit.errors import ConfigError, StateError
 
@@ -80,16 +81,30 @@ class LoraLayer(nn.Module):
         return self.kind.up(code, B) * (weight * scale)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting) -> torch.Tensor:
-        """Mixed batch: add each row's own adapter delta, one gather/scatter per distinct adapter."""
+        """Mixed batch: add each row's own adapter delta (:mod:`lorakit.core.per_row`)."""
         if self.merged:
             raise StateError(f"adapters {sorted(self.merged)} are merged into the base weights; unmerge "
                              "them before running a mixed batch (adapter_per_row)")
         if len(routing.names) != x.shape[0]:
             raise ConfigError(f"adapter_per_row has {len(routing.names)} names for a batch of {x.shape[0]} rows")
-        for name, rows in routing.rows_by_adapter.items():
-            if name not in self.adapters:
-                continue
-            index = torch.tensor(rows, device=x.device)
+        held = [name for name in routing.rows_by_adapter if name in self.adapters]
+        if not held:
+            return result
+        if len(held) == 1 and len(routing.rows_by_adapter[held[0]]) == x.shape[0]:  # one adapter for all rows
+            return result + self._delta(self.adapters[held[0]], x, 1.0).to(result.dtype)
+        adapters = [self.adapters[name] for name in held]
+        dropping = self.training and any(a.dropout > 0 for a in adapters)
+        if isinstance(self.kind, (EmbeddingKind, Conv2dKind)) or dropping:
+            return self._per_row_by_adapter(x, result, routing, held)
+        stacked_A, stacked_B = stacked_factors(adapters, self.__dict__)
+        delta = per_row_delta(x, routing.slots(held, x.device), stacked_A, stacked_B)
+        return result + delta.to(result.dtype)
+
+    def _per_row_by_adapter(self, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting,
+                            held: list[str]) -> torch.Tensor:
+        """The mixed batch one gather/scatter per adapter (embeddings, convolutions, per-adapter dropout)."""
+        for name in held:
+            index = torch.tensor(routing.rows_by_adapter[name], device=x.device)
             delta = self._delta(self.adapters[name], x.index_select(0, index), 1.0)
             result = result.index_add(0, index, delta.to(result.dtype))
         return result

@@ -57,6 +57,16 @@ class PerRowRouting:
                 rows.setdefault(name, []).append(row)
         return rows
 
+    def slots(self, held: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Each row's index into ``held`` (a layer's adapters, in order), ``len(held)`` for a row whose
+        adapter the layer does not hold or that is routed to ``None``; cached per ``(held, device)``."""
+        key = (tuple(held), device)
+        cache = self.__dict__.setdefault("_slots", {})
+        if key not in cache:
+            index = {name: i for i, name in enumerate(held)}
+            cache[key] = torch.tensor([index.get(name, len(held)) for name in self.names], device=device)
+        return cache[key]
+
 
 DenseWeights = Callable[[Any, torch.Tensor], "torch.Tensor | None"]
 """``weights(layer, x)``: expert weights ``(..., N)`` for the tokens of ``x`` at ``layer``, or ``None``."""

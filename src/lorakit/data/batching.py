@@ -78,8 +78,9 @@ def batch_order(
     return batches
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``(B, T)``.
+def collate(examples: Sequence[Encoded], pad_id: int) -> dict:
+    """Right-pad examples into ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``(B, T)``,
+    plus ``"adapter_per_row"`` (a list of names) when the examples name their adapters.
 
     Padding has ``input_ids == pad_id``, ``attention_mask == 0`` and ``labels == IGNORE_INDEX``.
     """
@@ -89,11 +90,14 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]
     input_ids = [e.input_ids + [pad_id] * (width - len(e)) for e in examples]
     mask = [[1] * len(e) + [0] * (width - len(e)) for e in examples]
     labels = [e.labels + [IGNORE_INDEX] * (width - len(e)) for e in examples]
-    return {
+    batch = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": torch.tensor(mask, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
     }
+    if any(e.adapter is not None for e in examples):
+        batch["adapter_per_row"] = [e.adapter for e in examples]
+    return batch
 
 
 class Batches:

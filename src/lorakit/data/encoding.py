@@ -36,6 +36,8 @@ class Encoded:
     """Token ids, starting with the prompt's ids."""
     labels: list[int]
     """``input_ids[i]`` where the loss applies, ``IGNORE_INDEX`` elsewhere."""
+    adapter: str | None = None
+    """The adapter this example trains when several are trained in one batch (None: the active one)."""
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):

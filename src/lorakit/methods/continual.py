@@ -11,7 +11,7 @@ when each task started, so the final model is the original base plus *all* of th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
@@ -51,17 +51,19 @@ class ContinualResult:
 def train_continual(model: nn.Module, tokenizer, tasks: Sequence[tuple[str, Sequence[Example]]], lora: LoraConfig,
                     config: TrainConfig, *, eval_sets: Mapping[str, Sequence[Example]], out_dir: str | Path,
                     progress: bool = True, eval_batch_size: int = 16) -> ContinualResult:
-    """Train ``tasks`` (name, examples) in order on ``model`` as the module docstring says; adapter ``k``
-    goes to ``out_dir/<name>``. ``model`` ends with every task merged into its weights."""
+    """Train ``tasks`` (name, examples) in order on ``model`` as the module docstring says; task ``k``
+    trains with seed ``config.seed + k`` and its adapter goes to ``out_dir/<name>``. ``model`` ends with
+    every task merged into its weights."""
     names = [name for name, _ in tasks]
     if len(set(names)) != len(names) or set(names) - set(eval_sets):
         raise ConfigError(f"tasks {names} must have distinct names, each with an evaluation set "
                           f"(have: {sorted(eval_sets)})")
     lora = prepared_lora(lora, config)
     result = ContinualResult(names, [])
-    for name, examples in tasks:
+    for index, (name, examples) in enumerate(tasks):
         attach(model, lora)
-        train(model, tokenizer, examples, config, out_dir=Path(out_dir) / name, progress=progress)
+        task_config = replace(config, seed=config.seed + index)  # fresh gates and data order per task
+        train(model, tokenizer, examples, task_config, out_dir=Path(out_dir) / name, progress=progress)
         result.ranks.append(active_ranks(model))
         merge_and_unload(model)
         result.accuracy.append([evaluate(model, tokenizer, eval_sets[task], batch_size=eval_batch_size).exact_match

@@ -12,6 +12,7 @@ gradient (the attached adapter, or every weight with ``full=True``) and writes t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -34,7 +35,8 @@ from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, 
 from lorakit.train.evaluate_loss import mean_loss
 from lorakit.train.components import build_extensions, build_optimizer
 from lorakit.train.extension import TrainingExtension
-from lorakit.train.loss import batch_logits, batch_tokens, logits_loss, supervised_tokens
+from lorakit.train.loss import (adapter_token_counts, batch_logits, batch_tokens, logits_loss, per_adapter_loss,
+                                supervised_tokens)
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate
@@ -72,6 +74,17 @@ def _trainable(model: nn.Module, full: bool) -> list[nn.Parameter]:
     return parameters
 
 
+def adapter_parameter_groups(model: nn.Module, names: Sequence[str]) -> list[list[nn.Parameter]]:
+    """Each named adapter's trainable parameters (for clipping each adapter on its own)."""
+    from lorakit.core.state import lora_layers
+    groups = [[p for _, layer in lora_layers(model) if name in layer.adapters
+               for p in layer.adapters[name].parameters() if p.requires_grad] for name in names]
+    empty = [name for name, group in zip(names, groups) if not group]
+    if empty:
+        raise ConfigError(f"adapter {empty[0]!r} has no trainable parameters in the model; attach it first")
+    return groups
+
+
 def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool) -> None:
     if out_dir is None or resume is not None or not out_dir.exists() or not any(out_dir.iterdir()):
         return
@@ -84,11 +97,13 @@ def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool)
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig = TrainConfig(), *,
           out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
           resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          save: Callable[[Path], None] | None = None, reference: nn.Module | None = None) -> TrainResult:
+          save: Callable[[Path], None] | None = None, reference: nn.Module | None = None,
+          row_adapters: Sequence[str] | None = None) -> TrainResult:
     """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint;
     ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model);
     ``reference`` is the frozen original model a regularizer compares with (default: ``model`` with
-    its adapters disabled)."""
+    its adapters disabled). ``row_adapters`` names each example's adapter to train several adapters
+    in one batch (:func:`lorakit.train.multi.train_adapters`)."""
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)
@@ -96,6 +111,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     parameters = _trainable(model, config.full)
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
+    if row_adapters is not None:
+        encoded = [dataclasses.replace(e, adapter=name) for e, name in zip(encoded, row_adapters, strict=True)]
     eval_encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in eval_examples or []]
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -107,7 +124,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
                       bucket=config.bucket, pack_length=config.max_length if config.pack else None)
     total = config.total_steps(len(batches) * config.batch_size)
     log = MetricsLog(out / METRICS_FILE if out is not None else None)
-    run = _Run(model, optimizer, config, total, batches, start.data, log, out, extensions)
+    clip_groups = adapter_parameter_groups(model, sorted(set(row_adapters))) if row_adapters else [parameters]
+    run = _Run(model, optimizer, config, total, batches, start.data, log, out, extensions, clip_groups)
     train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
     for extension in extensions:
         extension.finish()
@@ -128,8 +146,11 @@ class _Run:
     """The state of one run between steps."""
 
     def __init__(self, model, optimizer, config: TrainConfig, total: int, batches: Batches, data: Position,
-                 log: MetricsLog, out: Path | None, extensions: Sequence[TrainingExtension]) -> None:
+                 log: MetricsLog, out: Path | None, extensions: Sequence[TrainingExtension],
+                 clip_groups: list[list[nn.Parameter]]) -> None:
         self.model, self.optimizer, self.config, self.extensions = model, optimizer, config, extensions
+        self.clip_groups = clip_groups
+        """Parameters whose gradient norm is clipped together: all of them, or each adapter's own."""
         self.total, self.log, self.out = total, log, out
         self.batches, self.stream, self.next_data = batches, batches.stream(data), data
         self.warmup = config.warmup_for(total)
@@ -171,25 +192,36 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self._next_batch() for _ in range(self.config.grad_accum)]
-        count = max(1, sum(supervised_tokens(b) for b in batches))
+        task_loss_of = self._task_loss(batches)
         task_loss, regularization = 0.0, 0.0
         for batch in batches:
             logits = batch_logits(self.model, batch)
-            loss = logits_loss(logits, batch) / count
+            loss = task_loss_of(logits, batch)
             extra = self._extra_loss(batch, logits) / len(batches)
             if not torch.isfinite(loss + extra):
                 self._diverged(step, (loss + extra).item())
             (loss + extra).backward()
             task_loss += loss.item()
             regularization += extra.item()
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            del logits  # (B, T, V): not kept alive through the next micro-batch's forward
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        if not torch.isfinite(norm):
-            self._diverged(step, float(norm), what="gradient norm")
+        for group in self.clip_groups:
+            norm = torch.nn.utils.clip_grad_norm_(group, max_norm)
+            if not torch.isfinite(norm):
+                self._diverged(step, float(norm), what="gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return task_loss, regularization, sum(batch_tokens(b) for b in batches)
+
+    @staticmethod
+    def _task_loss(batches: list[dict]) -> Callable[[torch.Tensor, dict], torch.Tensor]:
+        """The step's loss of one micro-batch: the sum over supervised tokens divided by the step's token
+        count, or, with several adapters in the batch, each adapter's own mean (:func:`per_adapter_loss`)."""
+        if "adapter_per_row" in batches[0]:
+            counts = adapter_token_counts(batches)
+            return lambda logits, batch: per_adapter_loss(logits, batch, counts)
+        count = max(1, sum(supervised_tokens(b) for b in batches))
+        return lambda logits, batch: logits_loss(logits, batch) / count
 
     def _extra_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         terms = [t for t in (e.loss(batch, logits) for e in self.extensions) if t is not None]

@@ -32,6 +32,8 @@ def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "position_ids" in inputs:
         inputs["use_cache"] = False
+    if "adapter_per_row" in batch:  # several adapters trained in one batch
+        inputs["adapter_per_row"] = batch["adapter_per_row"]
     return model(**inputs).logits
 
 
@@ -49,6 +51,32 @@ def logits_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def row_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's summed next-token cross-entropy, ``(B,)``."""
+    targets = batch["labels"].to(logits.device)[:, 1:]
+    shifted = logits[:, :-1]
+    tokens = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    return tokens.reshape(targets.shape).sum(dim=1)
+
+
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The summed next-token cross-entropy of ``batch`` (see :func:`batch_logits` for its keys)."""
     return logits_loss(batch_logits(model, batch), batch)
+
+
+def adapter_token_counts(batches: list[dict]) -> dict[str, int]:
+    """How many supervised next-token targets each adapter's rows hold over ``batches`` (one step)."""
+    counts: dict[str, int] = {}
+    for batch in batches:
+        per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+        for name, tokens in zip(batch["adapter_per_row"], per_row):
+            counts[name] = counts.get(name, 0) + tokens
+    return counts
+
+
+def per_adapter_loss(logits: torch.Tensor, batch: dict, counts: dict[str, int]) -> torch.Tensor:
+    """``sum_j (loss of adapter j's rows) / (adapter j's supervised tokens in the step)``: each adapter's own
+    mean loss, so its gradient is the one it would get trained alone on its rows."""
+    weights = torch.tensor([1.0 / max(1, counts[name]) for name in batch["adapter_per_row"]], device=logits.device)
+    return (row_losses(logits, batch) * weights).sum()

@@ -1,0 +1,55 @@
+"""Several adapters trained in one batch (as in mLoRA): one frozen base, rows of every batch belonging
+to different adapters.
+
+Each row runs with its own adapter (the stacked per-row path, :mod:`lorakit.core.per_row`), each
+adapter's loss is its own rows' mean over the step (:func:`lorakit.train.loss.per_adapter_loss`), and
+each adapter's gradient is clipped on its own. So every adapter receives exactly the gradient, and
+(AdamW being per-parameter) the update, it would get if trained alone on its rows of the same
+batches; the base's forward and backward are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.config import TrainConfig
+from lorakit.core.lifecycle import adapter_names
+from lorakit.data.example import Example
+from lorakit.errors import ConfigError
+from lorakit.io.adapters import save_adapter
+from lorakit.train.loop import TrainResult, train
+
+
+def check_multi_config(config: TrainConfig) -> None:
+    """Refuse the settings joint training does not support, with the reason."""
+    if config.pack:
+        raise ConfigError("pack=True would put rows of different adapters into one packed row; "
+                          "train several adapters without packing")
+    if config.full or (config.optimizer, config.method, config.regularizer) != ("adamw", "lora", None):
+        raise ConfigError("several adapters in one batch train with plain LoRA and AdamW; full fine-tuning, "
+                          "other optimizers, methods and regularizers act on one adapter")
+
+
+def train_adapters(model: nn.Module, tokenizer, datasets: Mapping[str, Sequence[Example]],
+                   config: TrainConfig = TrainConfig(), *, out_dir: str | Path | None = None,
+                   resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train the adapters already attached under ``datasets``' names, each on its own examples, in shared
+    batches; adapter ``name`` is written to ``out_dir/name`` (PEFT format) when the run completes."""
+    check_multi_config(config)
+    names = list(datasets)
+    missing = [name for name in names if name not in adapter_names(model)]
+    if not names or missing:
+        raise ConfigError(f"attach an adapter for every dataset first: {missing or 'no datasets given'} "
+                          f"(the model holds {adapter_names(model)})")
+    examples = [example for name in names for example in datasets[name]]
+    row_adapters = [name for name in names for _ in datasets[name]]
+
+    def save(out: Path) -> None:
+        for name in names:
+            save_adapter(model, out / name, name)
+
+    return train(model, tokenizer, examples, config, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                 progress=progress, save=save, row_adapters=row_adapters)
