@@ -7,6 +7,7 @@
     lorakit.save_adapter(model, "out/")   # PEFT format: loads in peft, vLLM, LoRAX
 """
 
+from lorakit.combine import combine_adapters
 from lorakit.config import ALL_LINEAR, LoraConfig, TrainConfig
 from lorakit.core.activation import active, active_weights, disabled, mixed_batch, set_active
 from lorakit.core.inject import TargetPlan, plan
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_LINEAR", "DEFAULT_MODEL", "AdapterError", "ConfigError", "DataError", "FormatError", "LoraConfig",
     "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "TrainConfig", "TrainingError", "active", "active_weights",
-    "adapter_names", "attach", "delete_adapter", "disabled", "load_adapter", "load_model", "merge",
+    "adapter_names", "attach", "combine_adapters", "delete_adapter", "disabled", "load_adapter", "load_model", "merge",
     "merge_and_unload", "merged_adapters", "mixed_batch", "plan", "save_adapter", "set_active", "trainable_parameters",
     "unmerge",
 ]

@@ -9,6 +9,7 @@
     lorakit targets --targets all-linear
     lorakit tasks list | lorakit tasks export NAME --split test --n 100
     lorakit compare | dylora | continual           training methods (see lorakit.cli_methods)
+    lorakit combine --adapter a=0.7 --adapter b=-0.3 --mode cat --out c/   exact adapter combinations
 """
 
 from __future__ import annotations

@@ -65,6 +65,11 @@ class LoraLayer(nn.Module):
             result = result + self._delta(self.adapters[name], x, weight).to(result.dtype)
         return result
 
+    def adapter_delta(self, name: str, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Adapter ``name``'s contribution to this layer's output for input ``x``, ``weight * s B A x``, alone
+        (without the base layer): for mixtures that run the base once and add chosen adapters' deltas."""
+        return self._delta(self.adapters[name], x, weight)
+
     def _static_weights(self, routing: StaticRouting) -> dict[str, float]:
         """Each adapter's weight in this forward, less what merging already put in the base weight."""
         weights = {n: w for n, w in routing.weights.items() if n in self.adapters}
