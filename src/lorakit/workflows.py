@@ -135,8 +135,12 @@ def continual_finetune(tasks: list[str], out: str | Path, *, base: str = DEFAULT
 
 
 def _model_with_adapter(base: str, adapter: str | Path | None):
+    """The base model with ``adapter``: a PEFT-format adapter, or a MixLoRA directory."""
     model, tokenizer = load_model(base)
-    if adapter is not None:
+    if adapter is not None and (Path(adapter) / "mixlora_config.json").is_file():
+        from lorakit.mixtures.mixlora import load_mixlora
+        load_mixlora(model, adapter)
+    elif adapter is not None:
         load_adapter(model, adapter)
     return model, tokenizer
 

@@ -53,7 +53,8 @@ def test_the_registries_build_what_they_name():
     assert build_extensions(model, TrainConfig()) == []
     [regularizer] = build_extensions(model, TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
     assert isinstance(regularizer, BaLoraRegularizer) and regularizer.weights.top_k == 5
-    assert set(OPTIMIZERS) == {"adamw", "lora-pro", "allora"} and set(METHODS) == {"lora", "dylora", "codyra"}
+    assert set(OPTIMIZERS) == {"adamw", "lora-pro", "allora"}
+    assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora"}
     assert set(REGULARIZERS) == {"ba-lora"}
 
 

@@ -7,6 +7,9 @@ The data-driven inits run their estimate on the first training batches before th
   base weights move by ``-s B0 A0``, so the run saves the rank-2r adapter that reproduces the trained
   model on the *original* base (``save_lora_ga_adapter``), and keeps ``lora_ga_init.safetensors`` so
   that a resumed run can move the base again.
+With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
+(:func:`lorakit.mixtures.mixlora.attach_mixlora`) and the run saves it with ``save_mixlora``.
+
 * ``eva`` (Paischer et al. 2024): ``estimate = estimate_eva(...)``, attach with the redistributed ranks
   (``eva_config``), ``init_eva``; the run records that config, so resuming attaches the same shapes.
 """
@@ -54,6 +57,8 @@ def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lo
     """Attach adapter ``"default"`` to ``model`` initialised by ``init`` (one of :data:`INITS`)."""
     if init not in INITS:
         raise ConfigError(f"init={init!r} is invalid: one of {', '.join(INITS)}")
+    if config.method == "mixlora":
+        return _mixlora(model, lora, config)
     if init in ("kaiming", "gaussian"):
         lora = dataclasses.replace(lora, init="gaussian" if init == "gaussian" else lora.init)
         attach(model, lora)
@@ -88,3 +93,18 @@ def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdap
     attach(model, shaped)
     init_eva(model, estimate)
     return PreparedAdapter(shaped)
+
+
+def _mixlora(model, lora: LoraConfig, config: TrainConfig) -> PreparedAdapter:
+    """MixLoRA: the experts and routers of ``lorakit.mixtures.mixlora`` shaped by ``lora`` and the run's
+    ``mixlora_*`` options; attention targets are ``lora.targets`` when they name modules."""
+    from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora, save_mixlora
+    from lorakit.train.components import method_options
+    option = method_options(config)
+    attention = lora.targets if isinstance(lora.targets, tuple) else MixLoraConfig().attention_targets
+    mix = MixLoraConfig(num_experts=int(option["mixlora_experts"]), top_k=int(option["mixlora_top_k"]),
+                        rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, attention_targets=attention,
+                        jitter_noise=option["mixlora_jitter"],
+                        aux_loss_coefficient=option["mixlora_aux_loss_coefficient"])
+    attach_mixlora(model, mix, seed=config.seed)
+    return PreparedAdapter(lora, save=lambda out: save_mixlora(model, out))

@@ -28,6 +28,13 @@ _REFUSED = {
     ("optimizer", "allora", "method", "dylora"): "ALLoRA is scaling-free, while DyLoRA relies on the "
                                                  "rank-dependent scale alpha / b",
     ("optimizer", "allora", "method", "codyra"): "CoDyRA specifies AdamW with its proximal gate schedule",
+    ("init", "lora-ga", "method", "mixlora"): "MixLoRA's experts start from the standard init (B = 0), so that "
+                                              "the model starts as the base; LoRA-GA offsets the base",
+    ("init", "eva", "method", "mixlora"): "MixLoRA's experts on one FFN would all start from the same EVA "
+                                          "directions; it uses the standard init",
+    ("optimizer", "lora-pro", "method", "mixlora"): "LoRA-Pro's closed form is for one (A, B) pair per layer, "
+                                                    "not routed experts",
+    ("optimizer", "allora", "method", "mixlora"): "MixLoRA trains routers beside the factors with AdamW",
 }
 
 

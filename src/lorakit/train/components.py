@@ -58,6 +58,11 @@ def _codyra(model, config, options, reference):
                           stages=int(options["codyra_stages"]), seed=config.seed)
 
 
+def _mixlora(model, config, options, reference):
+    from lorakit.mixtures.mixlora import MixLoraAuxLoss
+    return MixLoraAuxLoss(model, coefficient=options["mixlora_aux_loss_coefficient"])
+
+
 def _ba_lora(model, config, options, reference):
     from lorakit.regularizers.ba_lora import BaLoraWeights
     from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
@@ -78,6 +83,9 @@ METHODS: dict[str, Component] = {
     "dylora": Component(_dylora, {"dylora_frozen": False}, "DyLoRA: a random nested rank b per step"),
     "codyra": Component(_codyra, {"codyra_max_kappa": 5e-3, "codyra_dense_fraction": 0.5, "codyra_stages": 50},
                         "CoDyRA: gated ranks B diag(w) A, soft-thresholded, pruned at the end"),
+    "mixlora": Component(_mixlora, {"mixlora_experts": 8, "mixlora_top_k": 2, "mixlora_aux_loss_coefficient": 1e-3,
+                                    "mixlora_jitter": 0.0},
+                         "MixLoRA: top-k LoRA experts in every FFN (shared frozen weights), LoRA on attention"),
 }
 REGULARIZERS: dict[str, Component] = {
     "ba-lora": Component(_ba_lora, {"ba_lora_consistency": 1e-4, "ba_lora_diversity": 3e-4, "ba_lora_svd": 1e-4,
@@ -112,6 +120,11 @@ def check_components(config: TrainConfig) -> None:
 
 def _options(component: Component, config: TrainConfig) -> dict[str, Any]:
     return {key: config.options.get(key, default) for key, default in component.options.items()}
+
+
+def method_options(config: TrainConfig) -> dict[str, Any]:
+    """The options of ``config.method`` with its defaults filled in."""
+    return _options(_lookup(METHODS, "method", config.method), config)
 
 
 def build_optimizer(model: nn.Module, parameters: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:

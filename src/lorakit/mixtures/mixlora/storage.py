@@ -1,0 +1,125 @@
+"""Saving and loading a MixLoRA model: its adapters in PEFT format, its routers, its config.
+
+A directory holds ``attention/`` and ``expert0/`` .. ``expert{E-1}/`` (each a PEFT-format adapter, so an
+expert alone loads in PEFT as a plain LoRA of the FFN), ``routers.safetensors`` (one ``(E, H)`` fp32
+tensor per block, keyed ``<ffn path>.router.weight``) and ``mixlora_config.json`` (the config, the
+expert names in router order, the FFN paths, the base model). The config is removed first and written
+last, together with the routers, so a save that stops half-way leaves a directory that does not load
+rather than one that loads wrong. Loading checks the config, the FFNs and every router against the
+base before it changes the model, and removes what it attached if an adapter fails to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.core.lifecycle import delete_adapter
+from lorakit.errors import ConfigError, FormatError, StateError
+from lorakit.io.adapters import base_model_name, load_adapter, save_adapter
+from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
+from lorakit.mixtures.mixlora.attach import ATTENTION, expert_names, mixlora_layers, new_router, wrap_ffns
+from lorakit.mixtures.mixlora.config import MixLoraConfig
+from lorakit.mixtures.mixlora.ffn import MixLoraFFN
+from lorakit.mixtures.mixlora.router import Router
+from lorakit.mixtures.mixlora.structure import find_ffns
+
+CONFIG_FILE = "mixlora_config.json"
+ROUTERS_FILE = "routers.safetensors"
+
+
+def router_key(ffn_path: str) -> str:
+    """The key of the router of the FFN at ``ffn_path`` in ``routers.safetensors``."""
+    return f"{ffn_path}.router.weight"
+
+
+def save_mixlora(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s MixLoRA adapters, routers and config to directory ``path``; returns the directory."""
+    layers = mixlora_layers(model)
+    first = layers[0][1]
+    config = first.config
+    directory = Path(path)
+    (directory / CONFIG_FILE).unlink(missing_ok=True)
+    if config.attention_targets:
+        save_adapter(model, directory / ATTENTION, ATTENTION)
+    for name in first.experts:
+        save_adapter(model, directory / name, name)
+    routers = {router_key(name): layer.router.weight.float() for name, layer in layers}
+    saved = {"mixlora": dataclasses.asdict(config), "experts": list(first.experts),
+             "layers": [name for name, _ in layers], "base_model_name_or_path": base_model_name(model)}
+    write_all_atomically({directory / ROUTERS_FILE: tensor_writer(routers),
+                          directory / CONFIG_FILE: json_writer(saved)})
+    return directory
+
+
+def read_config(directory: Path) -> tuple[MixLoraConfig, list[str]]:
+    """The saved config and FFN paths; a :class:`FormatError` names the file and what is wrong."""
+    source = directory / CONFIG_FILE
+    saved = load_json(source)
+    fields = saved.get("mixlora")
+    if not isinstance(fields, dict):
+        raise FormatError(f"{source}: 'mixlora' must be an object of MixLoraConfig fields")
+    if isinstance(fields.get("attention_targets"), list):
+        fields = {**fields, "attention_targets": tuple(fields["attention_targets"])}
+    try:
+        config = MixLoraConfig(**fields)
+    except (TypeError, ConfigError) as err:
+        raise FormatError(f"{source}: invalid MixLoRA config ({err})") from None
+    if saved.get("experts") != expert_names(config):
+        raise FormatError(f"{source}: 'experts' must list {expert_names(config)} in order, "
+                          f"found {saved.get('experts')!r}")
+    layers = saved.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+        raise FormatError(f"{source}: 'layers' must be a non-empty list of FFN module paths")
+    return config, layers
+
+
+def read_routers(model: nn.Module, directory: Path, config: MixLoraConfig, layers: list[str]) -> dict[str, Router]:
+    """The saved routers, checked against the FFNs of ``model`` (paths, shapes, finiteness)."""
+    source = directory / ROUTERS_FILE
+    found = find_ffns(model)
+    if found != layers:
+        raise FormatError(f"{directory / CONFIG_FILE}: saved for FFNs {layers[:2]}... ({len(layers)}), but this "
+                          f"model has {found[:2]}... ({len(found)})")
+    tensors = load_tensors(source)
+    if set(tensors) != {router_key(p) for p in layers}:
+        raise FormatError(f"{source}: holds {sorted(tensors)[:3]}..., expected one '<ffn>.router.weight' per FFN "
+                          f"({router_key(layers[0])}, ...)")
+    routers = {}
+    for path in layers:
+        router = new_router(model.get_submodule(path), config)
+        tensor = tensors[router_key(path)]
+        if tensor.shape != router.weight.shape or not torch.isfinite(tensor).all():
+            raise FormatError(f"{source}: {router_key(path)} has shape {tuple(tensor.shape)} (or non-finite "
+                              f"values); this model needs a finite {tuple(router.weight.shape)}")
+        with torch.no_grad():
+            router.weight.copy_(tensor)
+        routers[path] = router
+    return routers
+
+
+def load_mixlora(model: nn.Module, path: str | Path, *, trainable: bool = False) -> list[MixLoraFFN]:
+    """Make ``model`` (the base the MixLoRA model was trained on) the saved MixLoRA model; returns its FFNs.
+
+    Frozen unless ``trainable`` (then the adapters and routers train, to continue training)."""
+    if any(isinstance(m, MixLoraFFN) for m in model.modules()):
+        raise StateError("the model already has MixLoRA layers")
+    directory = Path(path)
+    config, layers = read_config(directory)
+    routers = read_routers(model, directory, config, layers)
+    names = ([ATTENTION] if config.attention_targets else []) + expert_names(config)
+    loaded = []
+    try:
+        for name in names:
+            loaded.append(load_adapter(model, directory / name, name, activate=name == ATTENTION,
+                                       trainable=trainable))
+    except Exception:
+        for name in reversed(loaded):
+            delete_adapter(model, name)
+        raise
+    for router in routers.values():
+        router.requires_grad_(trainable)
+    return wrap_ffns(model, layers, config, routers)
