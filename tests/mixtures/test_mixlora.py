@@ -15,7 +15,7 @@ from lorakit.config import TrainConfig
 from lorakit.io.files import load_tensors, save_tensors
 from lorakit.mixtures.mixlora import (MixLoraAuxLoss, MixLoraConfig, attach_mixlora, load_balancing_loss,
                                       load_mixlora, mixlora_layers, save_mixlora)
-from lorakit.mixtures.mixlora.storage import ROUTERS_FILE
+from lorakit.mixtures.mixlora.storage import ROUTERS_FILE, saved_folder
 from lorakit.train import train
 from tests.helpers import char_tokenizer, logits, perturb, tiny_gpt2, tiny_llama, token_batch
 from tests.train.test_loop import copy_examples
@@ -187,8 +187,10 @@ def test_save_and_load_restore_the_model(tmp_path):
     ids = token_batch()
     expected = logits(model, ids)
     save_mixlora(model, tmp_path / "mix")
-    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted(
-        ["attention", "expert0", "expert1", "expert2", "expert3", "mixlora_config.json", "routers.safetensors"])
+    folder = saved_folder(tmp_path / "mix")
+    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted([folder.name, "mixlora_config.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["attention", "expert0", "expert1", "expert2", "expert3", "routers.safetensors"])
     fresh = tiny_llama()
     ffns = load_mixlora(fresh, tmp_path / "mix")
     assert len(ffns) == 2 and not lorakit.trainable_parameters(fresh)
@@ -196,19 +198,47 @@ def test_save_and_load_restore_the_model(tmp_path):
     assert lorakit.active_weights(fresh) == {"attention": 1.0}
 
 
+def test_an_interrupted_save_leaves_the_previous_save_loading(tmp_path, monkeypatch):
+    from lorakit.mixtures.mixlora import storage
+    model, _ = mixlora()
+    ids = token_batch()
+    first = logits(model, ids)
+    save_mixlora(model, tmp_path / "mix")
+    perturb(model, "expert1", seed=9)
+    real_save = storage.save_adapter
+
+    def fail_on_expert2(model, path, name):
+        if name == "expert2":
+            raise OSError("disk full")
+        return real_save(model, path, name)
+
+    monkeypatch.setattr(storage, "save_adapter", fail_on_expert2)
+    with pytest.raises(OSError, match="disk full"):
+        save_mixlora(model, tmp_path / "mix")
+    monkeypatch.undo()
+    fresh = tiny_llama()
+    load_mixlora(fresh, tmp_path / "mix")
+    assert torch.equal(logits(fresh, ids), first)
+    save_mixlora(model, tmp_path / "mix")  # the next save commits and clears both older folders
+    assert len([p for p in (tmp_path / "mix").iterdir() if p.is_dir()]) == 1
+    again = tiny_llama()
+    load_mixlora(again, tmp_path / "mix")
+    assert torch.equal(logits(again, ids), logits(model, ids)) and not torch.equal(logits(again, ids), first)
+
+
 def test_loading_refuses_bad_routers_and_changes_nothing(tmp_path):
     model, _ = mixlora()
     directory = save_mixlora(model, tmp_path / "mix")
-    routers = load_tensors(directory / ROUTERS_FILE)
+    routers = load_tensors(saved_folder(directory) / ROUTERS_FILE)
     key = "model.layers.0.mlp.router.weight"
-    save_tensors(directory / ROUTERS_FILE, {**routers, key: routers[key][:3]})
+    save_tensors(saved_folder(directory) / ROUTERS_FILE, {**routers, key: routers[key][:3]})
     fresh = tiny_llama()
     with pytest.raises(FormatError, match="router.weight has shape"):
         load_mixlora(fresh, directory)
-    (directory / ROUTERS_FILE).write_bytes(b"not safetensors")
+    (saved_folder(directory) / ROUTERS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(FormatError, match="routers.safetensors"):
         load_mixlora(fresh, directory)
-    (directory / ROUTERS_FILE).unlink()
+    (saved_folder(directory) / ROUTERS_FILE).unlink()
     with pytest.raises(FormatError, match="no such file"):
         load_mixlora(fresh, directory)
     assert lorakit.adapter_names(fresh) == [] and not mixlora_layers_or_none(fresh)
@@ -224,7 +254,7 @@ def mixlora_layers_or_none(model):
 def test_loading_rolls_back_when_an_expert_is_broken(tmp_path):
     model, _ = mixlora()
     directory = save_mixlora(model, tmp_path / "mix")
-    (directory / "expert2" / "adapter_model.safetensors").write_bytes(b"broken")
+    (saved_folder(directory) / "expert2" / "adapter_model.safetensors").write_bytes(b"broken")
     fresh = tiny_llama()
     with pytest.raises(FormatError, match="expert2"):
         load_mixlora(fresh, directory)

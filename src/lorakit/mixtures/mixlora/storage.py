@@ -1,17 +1,22 @@
 """Saving and loading a MixLoRA model: its adapters in PEFT format, its routers, its config.
 
-A directory holds ``attention/`` and ``expert0/`` .. ``expert{E-1}/`` (each a PEFT-format adapter, so an
-expert alone loads in PEFT as a plain LoRA of the FFN), ``routers.safetensors`` (one ``(E, H)`` fp32
-tensor per block, keyed ``<ffn path>.router.weight``) and ``mixlora_config.json`` (the config, the
-expert names in router order, the FFN paths, the base model). The config is removed first and written
-last, together with the routers, so a save that stops half-way leaves a directory that does not load
-rather than one that loads wrong. Loading checks the config, the FFNs and every router against the
-base before it changes the model, and removes what it attached if an adapter fails to load.
+A directory holds ``mixlora_config.json`` (the config, the expert names in router order, the FFN
+paths, the base model, and the name of the folder with the weights) and that folder,
+``mixlora-<8 hex digits>/``: ``attention/`` and ``expert0/`` .. ``expert{E-1}/`` (each a PEFT-format
+adapter, so an expert alone loads in PEFT as a plain LoRA of the FFN) and ``routers.safetensors``
+(one ``(E, H)`` fp32 tensor per block, keyed ``<ffn path>.router.weight``). A save writes a new folder,
+then replaces the config atomically (the commit), then removes older folders: a save that stops
+half-way leaves the previous save loading as it was. Loading checks the config, the FFNs and every
+router against the base before it changes the model, and removes what it attached if an adapter
+fails to load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -29,11 +34,22 @@ from lorakit.mixtures.mixlora.structure import find_ffns
 
 CONFIG_FILE = "mixlora_config.json"
 ROUTERS_FILE = "routers.safetensors"
+_FOLDER = re.compile(r"mixlora-[0-9a-f]{8}")
 
 
 def router_key(ffn_path: str) -> str:
     """The key of the router of the FFN at ``ffn_path`` in ``routers.safetensors``."""
     return f"{ffn_path}.router.weight"
+
+
+def saved_folder(directory: str | Path) -> Path:
+    """The folder holding the weights of the save committed in ``directory`` (see the module docstring)."""
+    source = Path(directory) / CONFIG_FILE
+    folder = load_json(source).get("folder")
+    if not isinstance(folder, str) or not _FOLDER.fullmatch(folder):
+        raise FormatError(f"{source}: 'folder' must name the weights' folder (mixlora-<8 hex digits>), "
+                          f"found {folder!r}")
+    return Path(directory) / folder
 
 
 def save_mixlora(model: nn.Module, path: str | Path) -> Path:
@@ -42,16 +58,19 @@ def save_mixlora(model: nn.Module, path: str | Path) -> Path:
     first = layers[0][1]
     config = first.config
     directory = Path(path)
-    (directory / CONFIG_FILE).unlink(missing_ok=True)
+    folder = f"mixlora-{uuid.uuid4().hex[:8]}"
     if config.attention_targets:
-        save_adapter(model, directory / ATTENTION, ATTENTION)
+        save_adapter(model, directory / folder / ATTENTION, ATTENTION)
     for name in first.experts:
-        save_adapter(model, directory / name, name)
+        save_adapter(model, directory / folder / name, name)
     routers = {router_key(name): layer.router.weight.float() for name, layer in layers}
-    saved = {"mixlora": dataclasses.asdict(config), "experts": list(first.experts),
+    saved = {"mixlora": dataclasses.asdict(config), "experts": list(first.experts), "folder": folder,
              "layers": [name for name, _ in layers], "base_model_name_or_path": base_model_name(model)}
-    write_all_atomically({directory / ROUTERS_FILE: tensor_writer(routers),
+    write_all_atomically({directory / folder / ROUTERS_FILE: tensor_writer(routers),
                           directory / CONFIG_FILE: json_writer(saved)})
+    for stale in directory.iterdir():  # folders of earlier or interrupted saves
+        if stale.is_dir() and _FOLDER.fullmatch(stale.name) and stale.name != folder:
+            shutil.rmtree(stale)
     return directory
 
 
@@ -79,7 +98,7 @@ def read_config(directory: Path) -> tuple[MixLoraConfig, list[str]]:
 
 def read_routers(model: nn.Module, directory: Path, config: MixLoraConfig, layers: list[str]) -> dict[str, Router]:
     """The saved routers, checked against the FFNs of ``model`` (paths, shapes, finiteness)."""
-    source = directory / ROUTERS_FILE
+    source = saved_folder(directory) / ROUTERS_FILE
     found = find_ffns(model)
     if found != layers:
         raise FormatError(f"{directory / CONFIG_FILE}: saved for FFNs {layers[:2]}... ({len(layers)}), but this "
@@ -114,7 +133,7 @@ def load_mixlora(model: nn.Module, path: str | Path, *, trainable: bool = False)
     loaded = []
     try:
         for name in names:
-            loaded.append(load_adapter(model, directory / name, name, activate=name == ATTENTION,
+            loaded.append(load_adapter(model, saved_folder(directory) / name, name, activate=name == ATTENTION,
                                        trainable=trainable))
     except Exception:
         for name in reversed(loaded):
