@@ -95,6 +95,14 @@ def test_compare_trains_each_method_once_and_writes_the_report(base_dir, data, t
                         base=str(base_dir), progress=False)
 
 
+def test_compare_trains_again_a_run_that_stopped_before_its_result(base_dir, data, tmp_path):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a killed run's leftovers
+    [result] = compare_methods(str(data), tmp_path, methods=["lora"], train_flags=TRAIN_FLAGS, eval_n=2,
+                               base=str(base_dir), progress=False)
+    assert len(result.losses) == 3 and 9.0 not in result.losses and "--overwrite" not in result.command
+
+
 def test_compare_refuses_an_unknown_method(tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'qlora'"):
         compare_methods("task:date", tmp_path, methods=["lora", "qlora"])

@@ -59,7 +59,7 @@ def add_method_commands(commands, command) -> None:
     compare.add_argument("--out", required=True, help="directory: one run per method, results.json, methods.md, "
                                                       "loss_curves.png")
     compare.add_argument("--methods", default="lora,rslora,lora-ga,eva,dylora,lora-pro,allora,ba-lora",
-                         help="comma-separated (default: %(default)s; also: codyra)")
+                         help="comma-separated (default: %(default)s; also: codyra, mixlora)")
     compare.add_argument("--eval-n", type=int, default=50, help="held-out examples scored per method")
     compare.add_argument("--target-loss", type=float, default=0.5, help="report the steps to reach this loss")
     compare.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for every lorakit train")

@@ -50,6 +50,7 @@ PRESETS: dict[str, MethodPreset] = {
     "allora": MethodPreset("ALLoRA: scaling-free, row-norm adaptive rate", ("--optimizer", "allora")),
     "ba-lora": MethodPreset("BA-LoRA regularisers against the original model", ("--regularizer", "ba-lora")),
     "codyra": MethodPreset("CoDyRA: gated ranks, soft-thresholded, pruned", ("--method", "codyra")),
+    "mixlora": MethodPreset("MixLoRA: 8 LoRA experts per FFN, top-2 routing", ("--method", "mixlora")),
 }
 DEFAULT_METHODS = ("lora", "rslora", "lora-ga", "eva", "dylora", "lora-pro", "allora", "ba-lora")
 
@@ -124,12 +125,14 @@ def compare_method(method: str, data: str, out: Path, *, train_flags: Sequence[s
     from lorakit.workflows import evaluate_adapter
     run_dir = out / method
     command = _train_command(method, data, run_dir, ["--base", base, *train_flags])
+    shown = shlex.join(["lorakit", *command[3:]])
     if (run_dir / RESULT_FILE).is_file():
-        return _finished(run_dir, shlex.join(["lorakit", *command[3:]]), target_loss)
-    summary, wall, peak = _run_training(command)
+        return _finished(run_dir, shown, target_loss)
+    restart = ["--overwrite"] if run_dir.exists() else []  # a run that stopped before its result: again
+    summary, wall, peak = _run_training([*command, *restart])
     losses, loop_seconds = _loss_curve(run_dir)
     scored = evaluate_adapter(data, base=base, adapter=run_dir, n=eval_n)
-    result = MethodResult(method, shlex.join(["lorakit", *command[3:]]), losses, smoothed(losses)[-1],
+    result = MethodResult(method, shown, losses, smoothed(losses)[-1],
                           steps_to(losses, target_loss), scored.exact_match, summary["trainable_parameters"],
                           loop_seconds / len(losses), wall - loop_seconds, peak)
     save_json(run_dir / RESULT_FILE, asdict(result))
