@@ -100,3 +100,13 @@ def test_every_example_appears_once_per_epoch():
     seen = sorted(tuple(row[mask.bool()].tolist()) for batch in batches.epoch(2)
                   for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
     assert seen == sorted(tuple(e.input_ids) for e in examples)
+
+
+def test_collate_carries_each_rows_task_and_adapter_when_named():
+    from lorakit.data.batching import collate
+    from lorakit.data.encoding import Encoded
+    rows = [Encoded(input_ids=[1, 2], labels=[1, 2], task="date"), Encoded(input_ids=[3], labels=[3])]
+    batch = collate(rows, pad_id=0)
+    assert batch["task_per_row"] == ["date", None] and "adapter_per_row" not in batch
+    plain = collate([Encoded(input_ids=[1], labels=[1])], pad_id=0)
+    assert "task_per_row" not in plain and "adapter_per_row" not in plain

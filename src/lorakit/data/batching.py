@@ -80,7 +80,8 @@ def batch_order(
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> dict:
     """Right-pad examples into ``{"input_ids", "attention_mask", "labels"}``, LongTensors ``(B, T)``,
-    plus ``"adapter_per_row"`` (a list of names) when the examples name their adapters.
+    plus ``"adapter_per_row"`` (a list of names) when the examples name their adapters and
+    ``"task_per_row"`` when they name their tasks.
 
     Padding has ``input_ids == pad_id``, ``attention_mask == 0`` and ``labels == IGNORE_INDEX``.
     """
@@ -97,6 +98,8 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict:
     }
     if any(e.adapter is not None for e in examples):
         batch["adapter_per_row"] = [e.adapter for e in examples]
+    if any(e.task is not None for e in examples):
+        batch["task_per_row"] = [e.task for e in examples]
     return batch
 
 

@@ -38,6 +38,8 @@ class Encoded:
     """``input_ids[i]`` where the loss applies, ``IGNORE_INDEX`` elsewhere."""
     adapter: str | None = None
     """The adapter this example trains when several are trained in one batch (None: the active one)."""
+    task: str | None = None
+    """The example's task (the JSONL ``"task"`` field), for mixtures that learn to route by task."""
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -92,7 +94,7 @@ def encode(
         labels.append(eos)
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(input_ids=ids, labels=labels)
+    return Encoded(input_ids=ids, labels=labels, task=example.task)
 
 
 def prompt_ids(
