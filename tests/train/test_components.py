@@ -145,5 +145,5 @@ def test_the_regularizer_share_is_logged_apart_from_the_task_loss(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     # Diversity and SVD terms depend on the trained logits alone, so they are non-zero from the first step.
-    assert all(line["regularization"] != 0.0 for line in lines)
+    assert all(line["extra_loss"] != 0.0 for line in lines)
     assert all(line["loss"] > 0 for line in lines)

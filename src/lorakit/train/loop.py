@@ -3,7 +3,8 @@ clipping, periodic evaluation and checkpoints, exact resume, and a loud stop on 
 
 ``TrainConfig.optimizer``, ``.method`` and ``.regularizer`` pick the optimizer and the loop hooks
 (:mod:`lorakit.train.components`); ``metrics.jsonl`` logs the task loss as ``loss`` and any
-regularizer's share of the objective as ``regularization``.
+regularizer's or mixture's share of the objective (the extensions' loss terms) as
+``extra_loss``.
 
 ``train(model, tokenizer, examples, TrainConfig(...), out_dir=...)`` trains whatever requires a
 gradient (the attached adapter, or every weight with ``full=True``) and writes the result to
@@ -98,16 +99,17 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
           out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
           resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
           save: Callable[[Path], None] | None = None, reference: nn.Module | None = None,
-          row_adapters: Sequence[str] | None = None) -> TrainResult:
+          row_adapters: Sequence[str] | None = None, extensions: Sequence[TrainingExtension] = ()) -> TrainResult:
     """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint;
     ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model);
     ``reference`` is the frozen original model a regularizer compares with (default: ``model`` with
     its adapters disabled). ``row_adapters`` names each example's adapter to train several adapters
-    in one batch (:func:`lorakit.train.multi.train_adapters`)."""
+    in one batch (:func:`lorakit.train.multi.train_adapters`). ``extensions`` are loop hooks beyond
+    those ``config`` names (e.g. a mixture's own loss term, such as MeteoRA's task loss)."""
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)
-    extensions = build_extensions(model, config, reference)
+    extensions = [*build_extensions(model, config, reference), *extensions]
     parameters = _trainable(model, config.full)
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
@@ -172,7 +174,7 @@ class _Run:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             done = step + 1
             if done % max(1, self.config.log_every) == 0 or done == self.total:
-                extra = {"regularization": regularization} if self.config.regularizer else {}
+                extra = {"extra_loss": regularization} if self.config.regularizer or regularization else {}
                 self.log.write(step=done, loss=loss, **extra, lr=self.optimizer.param_groups[0]["lr"],
                                tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
             if self.config.eval_every and done % self.config.eval_every == 0 and eval_encoded and done < self.total:
