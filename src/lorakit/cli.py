@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from lorakit.cli_args import (TASK_EVAL_N, add_init_argument, add_lora_arguments, add_train_arguments,
                               example_count, lora_config, train_config)
 from lorakit.cli_combine import add_combine_command
+from lorakit.cli_meteora import add_meteora_commands
 from lorakit.cli_methods import add_method_commands
 from lorakit.cli_xlora import add_xlora_commands
 from lorakit.errors import LorakitError
@@ -198,13 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_eval, _add_generate, _add_small_commands, add_xlora_commands):
         add(commands)
     add_method_commands(commands, _command)
+    add_meteora_commands(commands, _command)
     add_combine_command(commands, _command)
     return parser
 
 
 def _command_name(args: argparse.Namespace) -> str:
     action = getattr(args, "action", None)
-    return f"{args.command} {action}" if args.command in ("xlora", "dylora") else args.command
+    return f"{args.command} {action}" if args.command in ("xlora", "dylora", "meteora") else args.command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

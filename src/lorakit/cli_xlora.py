@@ -12,16 +12,17 @@ from lorakit.models import DEFAULT_MODEL
 INSPECT_N = 32
 
 
-def _experts(pairs: list[str] | None) -> dict[str, str]:
-    experts: dict[str, str] = {}
+def named_directories(pairs: list[str] | None, flag: str = "--expert") -> dict[str, str]:
+    """``NAME=DIR`` values of ``flag`` as a dict, in order; each name once."""
+    named: dict[str, str] = {}
     for pair in pairs or []:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--expert {pair!r} is not NAME=DIR")
-        if name in experts:
-            raise ConfigError(f"--expert names {name!r} twice")
-        experts[name] = path
-    return experts
+            raise ConfigError(f"{flag} {pair!r} is not NAME=DIR")
+        if name in named:
+            raise ConfigError(f"{flag} names {name!r} twice")
+        named[name] = path
+    return named
 
 
 def _xlora_config(args: argparse.Namespace):
@@ -39,7 +40,8 @@ def _train(args: argparse.Namespace) -> None:
     else:
         if not args.data or not args.out:
             raise LorakitError("lorakit xlora train needs --expert NAME=DIR ..., --data and --out (or --resume DIR)")
-        result = train_xlora(args.data, args.out, _experts(args.expert), base=args.base, xlora=_xlora_config(args),
+        result = train_xlora(args.data, args.out, named_directories(args.expert), base=args.base,
+                             xlora=_xlora_config(args),
                              config=train_config(args), n=args.n, eval_data=args.eval_data, bundle=args.bundle,
                              overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result.summary()))

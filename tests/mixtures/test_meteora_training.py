@@ -76,3 +76,30 @@ def test_the_task_loss_falls_as_the_gates_learn_the_tasks(tmp_path):
     assert len(gate_losses) == 40
     # The gates learn which adapter each task needs (tokens shared by both tasks' prompts stay ambiguous).
     assert sum(gate_losses[-5:]) < 0.75 * sum(gate_losses[:5])
+
+
+def test_cli_trains_and_evaluates_meteora_over_saved_task_adapters(base_dir, tmp_path, capsys):
+    import json
+    from lorakit.cli import main
+    from lorakit.data.jsonl import save_jsonl
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    for index, name in enumerate(NAMES):
+        lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")), name, activate=False)
+        perturb(model, name, seed=index)
+        lorakit.save_adapter(model, tmp_path / name, name)
+    save_jsonl(tmp_path / "mix.jsonl", labelled_examples())
+    out = tmp_path / "meteora"
+    adapters = [arg for name in NAMES for arg in ("--adapter", f"{name}={tmp_path / name}")]
+    assert main(["meteora", "train", "--base", str(base_dir), *adapters, "--data", str(tmp_path / "mix.jsonl"),
+                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
+    recorded = json.loads((out / "meteora_run.json").read_text())
+    assert [name for name, _ in recorded["adapters"]] == NAMES
+    capsys.readouterr()
+    assert main(["meteora", "eval", "--base", str(base_dir), "--meteora", str(out), "--data",
+                 str(tmp_path / "mix.jsonl"), "--n", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    save_jsonl(tmp_path / "untagged.jsonl", copy_examples(4))
+    assert main(["meteora", "train", "--base", str(base_dir), *adapters, "--data", str(tmp_path / "untagged.jsonl"),
+                 "--out", str(tmp_path / "other"), "--steps", "1", "--quiet"]) == 2
+    assert "none has one" in capsys.readouterr().err
