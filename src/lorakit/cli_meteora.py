@@ -1,4 +1,5 @@
-"""``lorakit meteora train|eval``: MeteoRA gates over task adapters from the command line."""
+"""``lorakit meteora train|eval``: MeteoRA gates over task adapters from the command line; ``eval
+--composite`` scores prompts that mix several tasks' questions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 from lorakit.cli_args import TASK_EVAL_N, add_train_arguments, example_count, train_config
 from lorakit.cli_xlora import named_directories
+from lorakit.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -21,7 +23,14 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from lorakit.mixtures.meteora.workflows import evaluate_meteora
+    from lorakit.mixtures.meteora.workflows import evaluate_meteora, evaluate_meteora_composite
+    if args.composite:
+        result = evaluate_meteora_composite(args.meteora, args.composite.split(","), base=args.base,
+                                            per_prompt=args.per_prompt, n=args.n or 50, batch_size=args.batch_size)
+        print(json.dumps(result.metrics()))
+        return
+    if not args.data:
+        raise ConfigError("lorakit meteora eval needs --data (or --composite TASK,TASK)")
     result = evaluate_meteora(args.meteora, args.data, base=args.base, n=example_count(args.data, args.n, TASK_EVAL_N),
                               batch_size=args.batch_size)
     print(json.dumps(result.metrics()))
@@ -47,6 +56,10 @@ def add_meteora_commands(commands, command) -> None:
     add_train_arguments(train, include_full=False)
     evaluate = command(actions, "eval", _eval, "Exact match and loss of a trained MeteoRA model.")
     evaluate.add_argument("--meteora", required=True, help="the run directory of lorakit meteora train")
-    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--data", default=None, help="a JSONL file or task:NAME")
+    evaluate.add_argument("--composite", default=None, metavar="TASK,TASK",
+                          help="instead of --data: prompts mixing questions of these built-in tasks, each "
+                               "answer scored with its own task's metric")
+    evaluate.add_argument("--per-prompt", type=int, default=2, help="questions per composite prompt")
     evaluate.add_argument("--n", type=int, default=None)
     evaluate.add_argument("--batch-size", type=int, default=16)

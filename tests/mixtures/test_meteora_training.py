@@ -99,6 +99,10 @@ def test_cli_trains_and_evaluates_meteora_over_saved_task_adapters(base_dir, tmp
     assert main(["meteora", "eval", "--base", str(base_dir), "--meteora", str(out), "--data",
                  str(tmp_path / "mix.jsonl"), "--n", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert main(["meteora", "eval", "--base", str(base_dir), "--meteora", str(out), "--composite", "caps,date",
+                 "--n", "2"]) == 0
+    composite = json.loads(capsys.readouterr().out)
+    assert composite["n_prompts"] == 2 and set(composite["per_task"]) == {"caps", "date"}
     save_jsonl(tmp_path / "untagged.jsonl", copy_examples(4))
     assert main(["meteora", "train", "--base", str(base_dir), *adapters, "--data", str(tmp_path / "untagged.jsonl"),
                  "--out", str(tmp_path / "other"), "--steps", "1", "--quiet"]) == 2

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorakit.composite import CompositeResult, composite_examples, evaluate_composite
 from lorakit.config import TrainConfig
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError, DataError
@@ -85,3 +86,12 @@ def evaluate_meteora(path: str | Path, data: str, *, base: str | None = None, sp
     xmodel, tokenizer = load_meteora_model(path, base=base)
     return evaluate(xmodel, tokenizer, load_examples(data, split=split, n=n), batch_size=batch_size,
                     progress=progress)
+
+
+def evaluate_meteora_composite(path: str | Path, tasks: list[str], *, base: str | None = None, per_prompt: int = 2,
+                               n: int = 50, batch_size: int = 16) -> CompositeResult:
+    """The MeteoRA model at ``path`` on ``n`` composite prompts of ``per_prompt`` questions from ``tasks``,
+    each answer scored with its own task's metric (:mod:`lorakit.composite`)."""
+    xmodel, tokenizer = load_meteora_model(path, base=base)
+    return evaluate_composite(xmodel, tokenizer, composite_examples(tasks, per_prompt=per_prompt, count=n),
+                              batch_size=batch_size)
