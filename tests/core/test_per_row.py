@@ -27,24 +27,22 @@ def single_runs(model, names, ids):
     return out
 
 
-def test_rows_with_adapters_of_different_ranks_equal_their_single_runs():
-    model, ids = tiny_llama(), token_batch(rows=5)
-    names = adapters(model)
-    rows = ["n2", "n0", None, "n1", "n0"]
+def assert_rows_equal_single_runs(model, names, rows, ids):
     single = single_runs(model, names, ids)
     mixed = logits(model, ids, adapter_per_row=rows)
     for row, name in enumerate(rows):
         torch.testing.assert_close(mixed[row], single[name][row], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_with_adapters_of_different_ranks_equal_their_single_runs():
+    model, ids = tiny_llama(), token_batch(rows=5)
+    assert_rows_equal_single_runs(model, adapters(model), ["n2", "n0", None, "n1", "n0"], ids)
 
 
 def test_gpt2_conv1d_rows_equal_their_single_runs():
     model, ids = tiny_gpt2(), token_batch(rows=3)
     names = adapters(model, ranks=(2, 3), targets=("c_attn", "c_fc"))
-    rows = ["n1", "n0", "n1"]
-    single = single_runs(model, names, ids)
-    mixed = logits(model, ids, adapter_per_row=rows)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], single[name][row], atol=1e-5, rtol=1e-5)
+    assert_rows_equal_single_runs(model, names, ["n1", "n0", "n1"], ids)
 
 
 def test_the_cached_stack_follows_changed_weights():

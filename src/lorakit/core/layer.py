@@ -23,6 +23,7 @@ from lorakit.config import LoraConfig
 from lorakit.core.adapter import LoraAdapter
 from lorakit.core.kinds import Conv2dKind, EmbeddingKind, LayerKind
 from lorakit.core.per_row import per_row_delta, stacked_factors
+from lorakit.core.stack_cache import cached_without_grad, factors_key
 from lorakit.core.routing import NO_ADAPTERS, DenseRouting, PerRowRouting, RoutingState, SparseRouting, StaticRouting
 from lorakit.errors import ConfigError, StateError
 
@@ -153,19 +154,15 @@ class LoraLayer(nn.Module):
 
         Without autograd the stack is kept until an expert's parameters change (their versions move)."""
         adapters = [self.adapters[name] for _, name in present]
-        key = tuple((column, *(id(p) for p in a.parameters()), *(p._version for p in a.parameters()), a.nested)
-                    for (column, _), a in zip(present, adapters))
-        cached = self.__dict__.get("_stack")
-        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-            return cached[1]
-        factors = [a.factors() for a in adapters]
-        device = adapters[0].A.device
-        owner = [column for (column, _), (A, _, _) in zip(present, factors) for _ in range(A.shape[0])]
-        stacked = (torch.cat([A * scale for A, _, scale in factors], dim=0),
-                   torch.cat([B for _, B, _ in factors], dim=1), torch.tensor(owner, device=device))
-        if not torch.is_grad_enabled():
-            self.__dict__["_stack"] = (key, stacked)
-        return stacked
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            factors = [a.factors() for a in adapters]
+            owner = [column for (column, _), (A, _, _) in zip(present, factors) for _ in range(A.shape[0])]
+            return (torch.cat([A * scale for A, _, scale in factors], dim=0),
+                    torch.cat([B for _, B, _ in factors], dim=1), torch.tensor(owner, device=adapters[0].A.device))
+
+        key = (tuple(column for column, _ in present), factors_key(adapters))
+        return cached_without_grad(self.__dict__, "_stack", key, build)
 
     def _sparse(self, x: torch.Tensor, routing: SparseRouting, indices: torch.Tensor,
                 values: torch.Tensor) -> torch.Tensor | float:

@@ -19,22 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.core.adapter import LoraAdapter
+from lorakit.core.stack_cache import cached_without_grad, factors_key
 
 
 def stacked_factors(adapters: list[LoraAdapter], cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_stack, sB_stack)`` of ``adapters`` plus a zero slot; cached in ``cache`` without autograd."""
-    key = tuple((id(p), p._version) for a in adapters for p in a.parameters()) + tuple(a.nested for a in adapters)
-    cached = cache.get("per_row")
-    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-        return cached[1]
-    factors = [a.factors() for a in adapters]
-    rank = max(A.shape[0] for A, _, _ in factors)
-    stacked_A = torch.stack([F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors])  # (N, R, d_in)
-    stacked_B = torch.stack([F.pad(B * scale, (0, rank - B.shape[1])) for _, B, scale in factors])  # (N, d_out, R)
-    stacked = (F.pad(stacked_A, (0, 0, 0, 0, 0, 1)), F.pad(stacked_B, (0, 0, 0, 0, 0, 1)))  # zero slot last
-    if not torch.is_grad_enabled():
-        cache["per_row"] = (key, stacked)
-    return stacked
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        factors = [a.factors() for a in adapters]
+        rank = max(A.shape[0] for A, _, _ in factors)
+        stacked_A = torch.stack([F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors])  # (N, R, d_in)
+        stacked_B = torch.stack([F.pad(B * scale, (0, rank - B.shape[1])) for _, B, scale in factors])  # (N, d_out, R)
+        return F.pad(stacked_A, (0, 0, 0, 0, 0, 1)), F.pad(stacked_B, (0, 0, 0, 0, 0, 1))  # zero slot last
+
+    return cached_without_grad(cache, "per_row", factors_key(adapters), build)
 
 
 def per_row_delta(x: torch.Tensor, slots: torch.Tensor, stacked_A: torch.Tensor,
