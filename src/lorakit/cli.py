@@ -116,6 +116,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         from lorakit.mixtures.xlora.demo import run_xlora_demo
         run_xlora_demo(args.out or "runs/xlora-demo", test_n=args.test_n or 50)
         return
+    if args.which == "mixtures":
+        from lorakit.mixtures.comparison import MixtureBudget, run_mixtures_comparison
+        run_mixtures_comparison(args.out or "runs/mixtures", budget=MixtureBudget(test_n=args.test_n or 50))
+        return
     from lorakit.demo import run_demo
     run_demo(task=args.task, steps=args.steps, out=args.out, test_n=args.test_n)
 
@@ -184,13 +188,15 @@ def _add_small_commands(commands) -> None:
     tasks.add_argument("--n", type=int, default=100)
     demo = _command(commands, "demo", _cmd_demo,
                     "Train an adapter on a built-in task and compare it with the base model.", base=False)
-    demo.add_argument("which", nargs="?", default="lora", choices=["lora", "xlora"],
-                      help="lora: one adapter vs the base model (default); xlora: experts and X-LoRA (~20 min)")
+    demo.add_argument("which", nargs="?", default="lora", choices=["lora", "xlora", "mixtures"],
+                      help="lora: one adapter vs the base model (default); xlora: experts and X-LoRA (~20 min); "
+                           "mixtures: one LoRA on all tasks vs MixLoRA vs MeteoRA vs X-LoRA, one budget (~1 h; "
+                           "resumes finished stages)")
     demo.add_argument("--task", default=None, help="built-in task (default: date)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     demo.add_argument("--test-n", type=int, default=None, help="held-out examples to score (default: 100)")
     demo.add_argument("--out", default=None, help="where to keep the results (lora default: a temporary "
-                                                  "directory; xlora default: runs/xlora-demo)")
+                                                  "directory; xlora: runs/xlora-demo; mixtures: runs/mixtures)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,7 +134,7 @@ def continual_finetune(tasks: list[str], out: str | Path, *, base: str = DEFAULT
     return result
 
 
-def _model_with_adapter(base: str, adapter: str | Path | None):
+def model_with_adapter(base: str, adapter: str | Path | None):
     """The base model with ``adapter``: a PEFT-format adapter, or a MixLoRA directory."""
     model, tokenizer = load_model(base)
     if adapter is not None and (Path(adapter) / "mixlora_config.json").is_file():
@@ -150,20 +150,20 @@ def evaluate_adapter(data: str, *, base: str = DEFAULT_MODEL, adapter: str | Pat
                      progress: bool = False) -> EvalResult:
     """Exact match, loss and perplexity of the base model, or of it with ``adapter``, on ``data``."""
     examples = load_examples(data, split=split, n=n)
-    model, tokenizer = _model_with_adapter(base, adapter)
+    model, tokenizer = model_with_adapter(base, adapter)
     return evaluate(model, tokenizer, examples, batch_size=batch_size, progress=progress)
 
 
 def complete(prompts: list[str], *, base: str = DEFAULT_MODEL, adapter: str | Path | None = None,
              **options: Any) -> list[str]:
     """Generate a completion of each prompt with the base model, or with ``adapter``."""
-    model, tokenizer = _model_with_adapter(base, adapter)
+    model, tokenizer = model_with_adapter(base, adapter)
     return generate(model, tokenizer, prompts, **options)
 
 
 def merge_into_model(adapter: str | Path, out: str | Path, *, base: str = DEFAULT_MODEL) -> Path:
     """Write ``base`` with ``adapter`` merged into its weights (safetensors, with the tokenizer) to ``out``."""
-    model, tokenizer = _model_with_adapter(base, adapter)
+    model, tokenizer = model_with_adapter(base, adapter)
     merged = merge_and_unload(model)
     out = Path(out)
     merged.save_pretrained(out, safe_serialization=True)

@@ -8,44 +8,25 @@ model, each expert alone, the uniform weighted sum of the experts, and X-LoRA.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from lorakit.config import LoraConfig, TrainConfig
+from lorakit.config import TrainConfig
 from lorakit.core.activation import active, disabled
-from lorakit.core.lifecycle import attach
 from lorakit.data.tasks import get_task
 from lorakit.evaluation import evaluate
 from lorakit.io.files import save_json
+from lorakit.mixtures.task_experts import mixed_task_examples, train_task_expert
 from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.inspection import inspect_xlora
 from lorakit.mixtures.xlora.storage import save_xlora
 from lorakit.mixtures.xlora.workflows import build_xlora
-from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.models import DEFAULT_MODEL
 from lorakit.train import train
 
 TASKS = ("date", "caps", "units")
-EXPERT_LORA = LoraConfig(rank=16, alpha=32, targets="all-linear")
 XLORA = XLoraConfig(layerwise_scalings=True)
-
-
-def _train_expert(task: str, out: Path, steps: int, base: str) -> Path:
-    model, tokenizer = load_model(base)
-    torch.manual_seed(0)
-    attach(model, EXPERT_LORA, task)
-    config = TrainConfig(steps=steps, batch_size=8, lr=1e-3, log_every=10)
-    train(model, tokenizer, get_task(task).examples("train", steps * 8), config, out_dir=out, overwrite=True)
-    return out
-
-
-def _mixed_examples(tasks: tuple[str, ...], n: int) -> list:
-    examples = [e for task in tasks for e in get_task(task).examples("train", n)]
-    random.Random(0).shuffle(examples)
-    return examples
 
 
 def run_xlora_demo(out: str | Path, *, tasks: tuple[str, ...] = TASKS, expert_steps: int = 50,
@@ -57,11 +38,12 @@ def run_xlora_demo(out: str | Path, *, tasks: tuple[str, ...] = TASKS, expert_st
     experts = {}
     for task in tasks:
         report(f"training the {task!r} expert ({expert_steps} steps)")
-        experts[task] = _train_expert(task, out / "experts" / task, expert_steps, base)
+        train_task_expert(task, out / "experts" / task, steps=expert_steps, base=base)
+        experts[task] = out / "experts" / task
     report(f"training the X-LoRA classifier on a mix of {', '.join(tasks)} ({xlora_steps} steps)")
     xmodel, tokenizer = build_xlora(experts, base=base, config=XLORA)
     config = TrainConfig(steps=xlora_steps, batch_size=8, lr=1e-3, log_every=10)
-    train(xmodel, tokenizer, _mixed_examples(tasks, xlora_steps * 8), config, out_dir=out / "xlora", overwrite=True,
+    train(xmodel, tokenizer, mixed_task_examples(tasks, xlora_steps * 8), config, out_dir=out / "xlora", overwrite=True,
           save=lambda directory: save_xlora(xmodel, directory, experts))
     xmodel.eval()
     scores = _score_all(xmodel, tokenizer, tasks, test_n, report)
