@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from lorakit.cli_args import (TASK_EVAL_N, add_init_argument, add_lora_arguments, add_train_arguments,
                               example_count, lora_config, train_config)
 from lorakit.cli_combine import add_combine_command
+from lorakit.cli_analyze import add_analyze_command
 from lorakit.cli_meteora import add_meteora_commands
 from lorakit.cli_methods import add_method_commands
 from lorakit.cli_xlora import add_xlora_commands
@@ -116,6 +117,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         from lorakit.mixtures.xlora.demo import run_xlora_demo
         run_xlora_demo(args.out or "runs/xlora-demo", test_n=args.test_n or 50)
         return
+    if args.which == "intruders":
+        from lorakit.analysis.study import IntruderStudy, run_intruder_study
+        run_intruder_study(args.out or "runs/intruders", study=IntruderStudy(test_n=args.test_n or 50))
+        return
     if args.which == "mixtures":
         from lorakit.mixtures.comparison import MixtureBudget, run_mixtures_comparison
         run_mixtures_comparison(args.out or "runs/mixtures", budget=MixtureBudget(test_n=args.test_n or 50))
@@ -188,15 +193,16 @@ def _add_small_commands(commands) -> None:
     tasks.add_argument("--n", type=int, default=100)
     demo = _command(commands, "demo", _cmd_demo,
                     "Train an adapter on a built-in task and compare it with the base model.", base=False)
-    demo.add_argument("which", nargs="?", default="lora", choices=["lora", "xlora", "mixtures"],
+    demo.add_argument("which", nargs="?", default="lora", choices=["lora", "xlora", "mixtures", "intruders"],
                       help="lora: one adapter vs the base model (default); xlora: experts and X-LoRA (~20 min); "
                            "mixtures: one LoRA on all tasks vs MixLoRA vs MeteoRA vs X-LoRA, one budget (~1 h; "
-                           "resumes finished stages)")
+                           "resumes finished stages); intruders: the intruder-dimension study (~45 min, resumes)")
     demo.add_argument("--task", default=None, help="built-in task (default: date)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60)")
     demo.add_argument("--test-n", type=int, default=None, help="held-out examples to score (default: 100)")
     demo.add_argument("--out", default=None, help="where to keep the results (lora default: a temporary "
-                                                  "directory; xlora: runs/xlora-demo; mixtures: runs/mixtures)")
+                                                  "directory; xlora: runs/xlora-demo; mixtures: runs/mixtures; "
+                                                  "intruders: runs/intruders)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_commands(commands, _command)
     add_meteora_commands(commands, _command)
     add_combine_command(commands, _command)
+    add_analyze_command(commands, _command)
     return parser
 
 

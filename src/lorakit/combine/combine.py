@@ -28,8 +28,6 @@ module whose rank differs from ``r``).
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,41 +35,15 @@ from pathlib import Path
 import torch
 
 from lorakit.combine.report import CombineReport, TruncationError, overall_error
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, FormatError
-from lorakit.io.adapters import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, read_adapter
-from lorakit.io.files import json_writer, tensor_writer, write_all_atomically
-
-# The tensor-name suffixes of a module's (A, B) pair: linear-like layers, embeddings.
-FACTOR_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
-
-Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B) of one module, in PEFT's layout
-
+from lorakit.io.adapters import CONFIG_FILE
+from lorakit.io.factors import AdapterFactors, Factors, read_adapter_factors, unit_scale_fields, write_factor_adapter
 
 @dataclass(frozen=True)
-class ModuleFactors:
-    """One adapter's factors on one module (float64): its update is ``scale · B.flatten(1) @ A.flatten(1)``."""
+class Source(AdapterFactors):
+    """One input adapter's factors and its weight ``w_i``."""
 
-    A: torch.Tensor  # (r, d_in) or (r, d_in, kh, kw)
-    B: torch.Tensor  # (d_out, r) or (d_out, r, 1, 1)
-    scale: float
-    keys: tuple[str, str]
-
-    @property
-    def base_shape(self) -> tuple:
-        """What the base layer fixes: the key names, A's shape past the rank axis, B's."""
-        return self.keys, tuple(self.A.shape[1:]), self.B.shape[0], tuple(self.B.shape[2:])
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input adapter: where it came from, its weight, config and per-module factors."""
-
-    path: Path
-    weight: float
-    config: LoraConfig
-    raw: dict
-    modules: dict[str, ModuleFactors]
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,9 +72,8 @@ def combine_adapters(adapters: Sequence[tuple[str | Path, float]], out: str | Pa
     _check_bases(sources, allow_different_bases)
     modules = _module_union(sources)
     combined = MODES[mode](modules, sources, rank)
-    tensors = _output_tensors(combined.factors, sources)
-    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
-                          directory / CONFIG_FILE: json_writer(_output_config(sources, combined.config_fields))})
+    keys = {module: next(s.modules[module].keys for s in sources if module in s.modules) for module in modules}
+    write_factor_adapter(directory, combined.factors, keys, _output_config(sources, combined.config_fields))
     return CombineReport(mode=mode, out=directory, adapters=tuple((str(s.path), s.weight) for s in sources),
                          ranks={m: A.shape[0] for m, (A, _) in combined.factors.items()},
                          relative_error=overall_error(list(combined.errors.values())),
@@ -149,50 +120,7 @@ def _checked_out(out: str | Path, overwrite: bool) -> Path:
 
 
 def _read_source(path: str | Path, weight: float) -> Source:
-    """The adapter at ``path`` as float64 factors with each module's scale; its tensors are checked
-    (a LoRA pair per module, ranks as the config says, finite floats) and an error names the file."""
-    config, raw, tensors = read_adapter(path)
-    weights_file = Path(path) / WEIGHTS_FILE
-    modules = {module: _module_factors(module, found, config, weights_file)
-               for module, found in _group_by_module(tensors, weights_file).items()}
-    if not modules:
-        raise FormatError(f"{weights_file}: holds no LoRA tensors")
-    base = raw.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise FormatError(f"{Path(path) / CONFIG_FILE}: base_model_name_or_path is {base!r}; a string or null "
-                          "is required")
-    return Source(path=Path(path), weight=float(weight), config=config, raw=raw, modules=modules)
-
-
-def _group_by_module(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module: {key suffix: tensor}}``; any tensor that is not a LoRA factor is refused."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    suffixes = [suffix for pair in FACTOR_KEYS for suffix in pair]
-    for key, tensor in tensors.items():
-        suffix = next((s for s in suffixes if key.startswith(KEY_PREFIX) and key.endswith("." + s)), None)
-        if suffix is None:
-            raise FormatError(f"{source}: tensor {key!r} is not a LoRA factor ({KEY_PREFIX}<module>.lora_A.weight, "
-                              "lora_B.weight, lora_embedding_A or lora_embedding_B); it cannot be combined")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise FormatError(f"{source}: tensor {key!r} is not finite floating-point data ({tensor.dtype})")
-        grouped.setdefault(key[len(KEY_PREFIX):-len(suffix) - 1], {})[suffix] = tensor
-    return grouped
-
-
-def _module_factors(module: str, found: dict[str, torch.Tensor], config: LoraConfig, source: Path) -> ModuleFactors:
-    keys = next((pair for pair in FACTOR_KEYS if set(pair) == set(found)), None)
-    if keys is None:
-        raise FormatError(f"{source}: module {module!r} has tensors {sorted(found)}; one A/B pair "
-                          f"({' + '.join(FACTOR_KEYS[0])} or {' + '.join(FACTOR_KEYS[1])}) is required")
-    A, B = found[keys[0]].double(), found[keys[1]].double()
-    rank = config.rank_for(module)
-    plain = A.dim() == B.dim() == 2
-    conv = A.dim() == B.dim() == 4 and tuple(B.shape[2:]) == (1, 1)
-    if not (plain or conv) or not A.shape[0] == B.shape[1] == rank:
-        raise FormatError(f"{source}: module {module!r} has A {tuple(A.shape)} and B {tuple(B.shape)}, but "
-                          f"A (r, d_in[, kh, kw]) and B (d_out, r[, 1, 1]) with r = {rank} (from "
-                          f"{CONFIG_FILE}) are required")
-    return ModuleFactors(A=A, B=B, scale=config.scale_for(module), keys=keys)
+    return Source(**vars(read_adapter_factors(path)), weight=float(weight))
 
 
 def _check_bases(sources: list[Source], allow_different_bases: bool) -> None:
@@ -236,7 +164,7 @@ def _stacked(module: str, sources: list[Source]) -> Factors:
 
 def _cat(modules: list[str], sources: list[Source], rank: None) -> Combined:
     factors = {module: _stacked(module, sources) for module in modules}
-    return Combined(factors, _unit_scale_fields({m: A.shape[0] for m, (A, _) in factors.items()}), {})
+    return Combined(factors, unit_scale_fields({m: A.shape[0] for m, (A, _) in factors.items()}), {})
 
 
 def _svd(modules: list[str], sources: list[Source], rank: int) -> Combined:
@@ -244,7 +172,7 @@ def _svd(modules: list[str], sources: list[Source], rank: int) -> Combined:
     for module in modules:
         A, B = _stacked(module, sources)
         factors[module], errors[module] = _truncated(A, B, rank)
-    return Combined(factors, _unit_scale_fields({m: A.shape[0] for m, (A, _) in factors.items()}), errors)
+    return Combined(factors, unit_scale_fields({m: A.shape[0] for m, (A, _) in factors.items()}), errors)
 
 
 def _truncated(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[Factors, TruncationError]:
@@ -285,29 +213,6 @@ def _shared_factor_sum(module: str, sources: list[Source]) -> Factors:
     raise ConfigError(f"mode 'linear' is not exact on module {module!r}: the adapters share neither A nor B "
                       "there, and summing the factors, (Σ_i B_i)(Σ_j A_j), adds the cross terms B_i A_j (i != j); "
                       "use mode 'cat' (exact, ranks add) or 'svd' (truncated to a rank, error reported)")
-
-
-def _unit_scale_fields(ranks: dict[str, int]) -> dict:
-    """Config fields giving module ``m`` rank ``ranks[m]`` and scale 1: ``r`` and ``lora_alpha`` the
-    most common rank, and one exact pattern key per module whose rank differs (PEFT reloads these)."""
-    counts = Counter(ranks.values())
-    common = max(counts, key=lambda value: (counts[value], value))
-    pattern = {"^" + re.escape(module): value for module, value in ranks.items() if value != common}
-    return {"r": common, "lora_alpha": common, "use_rslora": False, "rank_pattern": pattern,
-            "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "exclude_modules": None}
-
-
-def _output_tensors(factors: dict[str, Factors], sources: list[Source]) -> dict[str, torch.Tensor]:
-    """PEFT's keys -> float32 contiguous CPU tensors; a combination that overflows float32 is refused."""
-    tensors = {}
-    for module, pair in factors.items():
-        keys = next(s.modules[module].keys for s in sources if module in s.modules)
-        for key, value in zip(keys, pair):
-            single = value.float().contiguous()
-            if not torch.isfinite(single).all():
-                raise ConfigError(f"the combined {key} of module {module!r} overflows float32; use smaller weights")
-            tensors[f"{KEY_PREFIX}{module}.{key}"] = single
-    return tensors
 
 
 def _output_config(sources: list[Source], fields: dict) -> dict:

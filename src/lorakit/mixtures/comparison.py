@@ -13,14 +13,12 @@ Every system sees the same shuffled mix of built-in tasks and the same number of
   (classifier) training on the mix, the experts frozen.
 
 Scored: held-out exact match per task, and composite prompts holding one question of every task,
-each answer scored with its own task's metric (:mod:`lorakit.composite`). Each stage records
-``stage.json`` when it finishes, so an interrupted comparison resumes where it stopped.
+each answer scored with its own task's metric (:mod:`lorakit.composite`). Each stage is a
+:func:`lorakit.stages.run_stage`, so an interrupted comparison resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +32,9 @@ from lorakit.evaluation import evaluate
 from lorakit.io.files import save_json
 from lorakit.mixtures.task_experts import EXPERT_LR, mixed_task_examples, train_task_expert
 from lorakit.models import DEFAULT_MODEL
+from lorakit.stages import run_stage
 
 SYSTEMS = ("experts", "lora-all", "mixlora", "meteora", "x-lora")
-STAGE_FILE = "stage.json"
 
 
 @dataclass(frozen=True)
@@ -62,18 +60,6 @@ class MixtureBudget:
         return LoraConfig(rank=self.rank, alpha=2 * self.rank, targets="all-linear")
 
 
-def _stage(directory: Path, run: Callable[[], dict[str, Any]], report: Callable[[str], Any]) -> dict[str, Any]:
-    """``run()``'s record, computed once: a finished stage's ``stage.json`` is read back instead."""
-    marker = directory / STAGE_FILE
-    if marker.is_file():
-        report(f"reusing {directory}")
-        return json.loads(marker.read_text())
-    started = time.perf_counter()
-    record = {**run(), "seconds": round(time.perf_counter() - started, 1)}
-    save_json(marker, record)
-    return record
-
-
 def _train_config(steps: int, **extra: Any) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=8, lr=EXPERT_LR, log_every=10, **extra)
 
@@ -92,7 +78,7 @@ def _train_systems(out: Path, budget: MixtureBudget, base: str, report) -> dict[
     runs: dict[str, dict[str, Any]] = {}
     for task, directory in experts.items():
         report(f"expert {task!r}: {budget.expert_steps} steps")
-        runs[f"expert:{task}"] = _stage(directory, lambda task=task: train_task_expert(
+        runs[f"expert:{task}"] = run_stage(directory, lambda task=task: train_task_expert(
             task, experts[task], steps=budget.expert_steps, lora=budget.expert_lora, base=base).summary(), report)
     runs["experts"] = {"trainable_parameters": sum(runs[f"expert:{t}"]["trainable_parameters"] for t in budget.tasks),
                        "steps": len(budget.tasks) * budget.expert_steps}
@@ -114,11 +100,13 @@ def _train_systems(out: Path, budget: MixtureBudget, base: str, report) -> dict[
     }
     for name, trainer in trainers.items():
         report(f"{name}: training")
-        runs[name] = _stage(out / name, lambda trainer=trainer: trainer().summary(), report)
+        runs[name] = run_stage(out / name, lambda trainer=trainer: trainer().summary(), report)
+    experts_total = runs["experts"]
     for name in ("meteora", "x-lora"):  # the experts are part of what these systems trained
-        runs[name] = {**runs[name], "gate_parameters": runs[name]["trainable_parameters"],
-                      "trainable_parameters": runs[name]["trainable_parameters"] + runs["experts"]["trainable_parameters"],
-                      "steps": runs["experts"]["steps"] + runs[name]["steps"]}
+        gates = runs[name]["trainable_parameters"]
+        runs[name] = {**runs[name], "gate_parameters": gates,
+                      "trainable_parameters": gates + experts_total["trainable_parameters"],
+                      "steps": experts_total["steps"] + runs[name]["steps"]}
     return runs
 
 
@@ -164,7 +152,7 @@ def run_mixtures_comparison(out: str | Path, *, budget: MixtureBudget = MixtureB
     systems = []
     for name in SYSTEMS:
         report(f"{name}: scoring")
-        scores = _stage(out / "scores" / name, lambda name=name: _score_system(name, loaders[name], budget), report)
+        scores = run_stage(out / "scores" / name, lambda name=name: _score_system(name, loaders[name], budget), report)
         systems.append({"system": name, "trainable_parameters": runs[name]["trainable_parameters"],
                         "steps": runs[name]["steps"], "gate_parameters": runs[name].get("gate_parameters"),
                         "train_seconds": runs[name].get("seconds"), **scores})
