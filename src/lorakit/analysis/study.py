@@ -12,7 +12,7 @@ English (:mod:`lorakit.analysis.plain_text`). Then every LoRA run's intruders ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,20 @@ from lorakit.train.evaluate_loss import mean_loss
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One fine-tuning run: LoRA of ``rank`` (α = 2·rank, rsLoRA optional), or full (``rank=None``)."""
+    """One fine-tuning run: LoRA of ``rank`` (α = 2·rank, rsLoRA optional), or full (``rank=None``),
+    for the study's steps unless ``steps`` says otherwise."""
 
     name: str
     lr: float
     rank: int | None = None
     rslora: bool = False
+    steps: int | None = None
 
 
 RUNS = (StudyRun("full", 2e-5), StudyRun("lora-r1", 1e-3, 1), StudyRun("lora-r8", 1e-3, 8),
-        StudyRun("lora-r64", 5e-4, 64), StudyRun("rslora-r64", 1e-4, 64, rslora=True))
+        StudyRun("lora-r64", 5e-4, 64), StudyRun("rslora-r64", 1e-4, 64, rslora=True),
+        StudyRun("lora-r8-long", 1e-3, 8, steps=160))
+SWEEP = IntruderSettings(epsilons=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99))
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,16 @@ class IntruderStudy:
     forgetting_tasks: tuple[str, ...] = ("caps", "units", "add")
     forgetting_n: int = 64
     mitigation: float = MITIGATION_LAMBDA
-    intruders: IntruderSettings = field(default_factory=IntruderSettings)
+    intruders: IntruderSettings = SWEEP
 
 
 def _train(run: StudyRun, out: Path, study: IntruderStudy, base: str) -> dict:
     from lorakit.workflows import finetune
     lora = LoraConfig() if run.rank is None else LoraConfig(rank=run.rank, alpha=2 * run.rank,
                                                             targets="all-linear", use_rslora=run.rslora)
-    config = TrainConfig(steps=study.steps, batch_size=8, lr=run.lr, log_every=10, full=run.rank is None)
-    return finetune(f"task:{study.task}", out, base=base, lora=lora, config=config, n=study.steps * 8,
+    steps = run.steps or study.steps
+    config = TrainConfig(steps=steps, batch_size=8, lr=run.lr, log_every=10, full=run.rank is None)
+    return finetune(f"task:{study.task}", out, base=base, lora=lora, config=config, n=steps * 8,
                     overwrite=True).summary()
 
 
@@ -73,7 +78,8 @@ def _analysis(path: Path, out: Path, base_model, study: IntruderStudy) -> dict:
     write_report(report, out)
     return {"intruders": report["totals"]["intruders"], "norm": report["totals"]["norm"],
             "intruders_by_epsilon": report["totals"]["intruders_by_epsilon"],
-            "mean_effective_rank": report["totals"]["mean_effective_rank"]}
+            "mean_effective_rank": report["totals"]["mean_effective_rank"],
+            "lowest_cosine": min(min(m["max_cosines"]) for m in report["modules"])}
 
 
 def _load(base: str, path: Path | None):
@@ -140,16 +146,18 @@ def study_table(results: dict) -> str:
     base = rows[0]["measured"]
     probes = list(base["losses"])
     epsilon = results["study"]["intruders"]["epsilon"]
-    lines = [f"| run | lr | held-out EM | intruders (ε = {epsilon:g}) | ‖ΔW‖_F | " +
-             " | ".join(f"Δ loss `{p}`" for p in probes) + " |", "|---|---|---|---|---|" + "---|" * len(probes)]
+    lines = [f"| run | lr | steps | held-out EM | intruders (ε = {epsilon:g}) | lowest max-cos | ‖ΔW‖_F | " +
+             " | ".join(f"Δ loss `{p}`" for p in probes) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(probes)]
     for row in rows:
         measured = row["measured"]
         analysis = row.get("analysis")
         lr = f"{row['of']['lr']:g}" if "of" in row else "–"
+        steps = str(row["of"]["steps"] or results["study"]["steps"]) if "of" in row else "–"
         intruders = str(analysis["intruders"]) if analysis else "–"
         norm = f"{analysis['norm']:.2f}" if analysis else "–"
+        lowest = f"{analysis['lowest_cosine']:.3f}" if analysis else "–"
         values = [measured["losses"][p] - (0.0 if row["run"] == "base" else base["losses"][p]) for p in probes]
         deltas = [f"{v:.3f}" if row["run"] == "base" else f"{v:+.3f}" for v in values]
-        lines.append(f"| {row['run']} | {lr} | {measured['exact_match']:.0%} | {intruders} | {norm} | " +
+        lines.append(f"| {row['run']} | {lr} | {steps} | {measured['exact_match']:.0%} | {intruders} | {lowest} | {norm} | " +
                      " | ".join(deltas) + " |")
     return "\n".join(lines) + "\n"
