@@ -17,7 +17,7 @@ from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
 from lorakit.train import train
 from lorakit.train.combinations import check_combination, prepared_lora, scale_free
 from lorakit.train.components import METHODS, OPTIMIZERS, REGULARIZERS, build_extensions, build_optimizer
-from lorakit.train.loss import batch_logits, supervised_logits
+from lorakit.train.loss import supervised_outputs
 from tests.helpers import char_tokenizer, run_interrupted, tiny_llama
 from tests.train.test_loop import copy_examples
 
@@ -100,13 +100,13 @@ def test_the_ba_lora_term_uses_the_original_model_and_is_added_to_the_loss():
     from tests.helpers import perturb
     perturb(model, "default")
     regularizer = BaLoraRegularizer(model)
-    logits = batch_logits(model, batch)
-    original = batch_logits(tiny_llama(), batch)  # the same base weights, no adapter
+    outputs = supervised_outputs(model, batch)
+    original = supervised_outputs(tiny_llama(), batch).logits  # the same base weights, no adapter
     torch.testing.assert_close(regularizer.reference_logits(batch), original.detach(), atol=1e-5, rtol=0)
-    expected = ba_lora_terms(supervised_logits(logits, batch), supervised_logits(original, batch), rows=3)["total"]
-    torch.testing.assert_close(regularizer.loss(batch, logits), expected, atol=1e-6, rtol=1e-5)
+    expected = ba_lora_terms(outputs.logits, original, rows=3)["total"]
+    torch.testing.assert_close(regularizer.loss(batch, outputs), expected, atol=1e-6, rtol=1e-5)
     separate = BaLoraRegularizer(model, reference=tiny_llama())
-    torch.testing.assert_close(separate.loss(batch, logits), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(separate.loss(batch, outputs), expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("changes", [{"optimizer": "lora-pro"}, {"optimizer": "allora"},

@@ -93,9 +93,9 @@ def test_nan_loss_stops_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
     real_loss = loop_module.logits_loss
     calls = {"n": 0}
 
-    def nan_on_third_step(logits, batch):
+    def nan_on_third_step(outputs):
         calls["n"] += 1
-        loss = real_loss(logits, batch)
+        loss = real_loss(outputs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
     monkeypatch.setattr(loop_module, "logits_loss", nan_on_third_step)

@@ -17,7 +17,8 @@ from lorakit.data.encoding import encode
 from lorakit.data.example import Example
 from lorakit.data.jsonl import save_jsonl
 from lorakit.train import train
-from lorakit.train.loss import adapter_token_counts, batch_logits, logits_loss, per_adapter_loss, supervised_tokens
+from lorakit.train.loss import (adapter_token_counts, logits_loss, per_adapter_loss, supervised_outputs,
+                                supervised_tokens)
 from lorakit.train.multi import train_adapters
 from tests.helpers import char_tokenizer, tiny_llama
 from tests.train.test_loop import copy_examples
@@ -44,13 +45,13 @@ def test_the_joint_loss_gives_each_adapter_the_gradient_of_its_own_mean_loss():
                for name, examples in data.items() for e in examples]
     batch = collate(encoded, pad_id=0)
     assert batch["adapter_per_row"] == ["copy"] * 3 + ["upper"] * 2
-    per_adapter_loss(batch_logits(model, batch), batch, adapter_token_counts([batch])).backward()
+    per_adapter_loss(supervised_outputs(model, batch), batch, adapter_token_counts([batch])).backward()
     joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     for name, rows in (("copy", slice(0, 3)), ("upper", slice(3, 5))):
         own = {k: v[rows] for k, v in batch.items() if k != "adapter_per_row"}
         with lorakit.active(model, name):
-            (logits_loss(batch_logits(model, own), own) / supervised_tokens(own)).backward()
+            (logits_loss(supervised_outputs(model, own)) / supervised_tokens(own)).backward()
     alone = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert joint.keys() == alone.keys() and len(joint) == 2 * 5 * 2  # 2 adapters x 5 modules x (A, B)
     for key in joint:

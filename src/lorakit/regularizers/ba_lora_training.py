@@ -17,7 +17,7 @@ from lorakit.core.activation import disabled
 from lorakit.core.modes import eval_mode
 from lorakit.regularizers.ba_lora import BaLoraWeights, ba_lora_terms
 from lorakit.train.extension import TrainingExtension
-from lorakit.train.loss import batch_logits, supervised_logits
+from lorakit.train.loss import SupervisedLogits, supervised_outputs
 
 
 class BaLoraRegularizer(TrainingExtension):
@@ -30,16 +30,16 @@ class BaLoraRegularizer(TrainingExtension):
             reference.requires_grad_(False)
 
     def reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The original model's logits for ``batch``, without gradient and without dropout."""
+        """The original model's (M, V) logits at ``batch``'s supervised positions, without gradient and
+        without dropout."""
         with torch.no_grad():
             if self.reference is not None:
                 with eval_mode(self.reference):
-                    return batch_logits(self.reference, batch)
+                    return supervised_outputs(self.reference, batch).logits
             with disabled(self.model), eval_mode(self.model):
-                return batch_logits(self.model, batch)
+                return supervised_outputs(self.model, batch).logits
 
-    def loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-        trained = supervised_logits(logits, batch)
-        original = supervised_logits(self.reference_logits(batch).to(logits.device), batch)
-        return ba_lora_terms(trained, original, task="nlg", rows=batch["input_ids"].shape[0],
+    def loss(self, batch: dict[str, torch.Tensor], outputs: SupervisedLogits) -> torch.Tensor:
+        original = self.reference_logits(batch).to(outputs.logits.device)
+        return ba_lora_terms(outputs.logits, original, task="nlg", rows=outputs.batch_size,
                              weights=self.weights)["total"]

@@ -36,8 +36,8 @@ from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, 
 from lorakit.train.evaluate_loss import mean_loss
 from lorakit.train.components import build_extensions, build_optimizer
 from lorakit.train.extension import TrainingExtension
-from lorakit.train.loss import (adapter_token_counts, batch_logits, batch_tokens, logits_loss, per_adapter_loss,
-                                supervised_tokens)
+from lorakit.train.loss import (SupervisedLogits, adapter_token_counts, batch_tokens, logits_loss, per_adapter_loss,
+                                supervised_outputs, supervised_tokens)
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate
@@ -197,15 +197,15 @@ class _Run:
         task_loss_of = self._task_loss(batches)
         task_loss, regularization = 0.0, 0.0
         for batch in batches:
-            logits = batch_logits(self.model, batch)
-            loss = task_loss_of(logits, batch)
-            extra = self._extra_loss(batch, logits) / len(batches)
+            outputs = supervised_outputs(self.model, batch)
+            loss = task_loss_of(outputs, batch)
+            extra = self._extra_loss(batch, outputs) / len(batches)
             if not torch.isfinite(loss + extra):
                 self._diverged(step, (loss + extra).item())
             (loss + extra).backward()
             task_loss += loss.item()
             regularization += extra.item()
-            del logits  # (B, T, V): not kept alive through the next micro-batch's forward
+            del outputs  # (M, V) logits: not kept alive through the next micro-batch's forward
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         for group in self.clip_groups:
             norm = torch.nn.utils.clip_grad_norm_(group, max_norm)
@@ -216,18 +216,18 @@ class _Run:
         return task_loss, regularization, sum(batch_tokens(b) for b in batches)
 
     @staticmethod
-    def _task_loss(batches: list[dict]) -> Callable[[torch.Tensor, dict], torch.Tensor]:
+    def _task_loss(batches: list[dict]) -> Callable[[SupervisedLogits, dict], torch.Tensor]:
         """The step's loss of one micro-batch: the sum over supervised tokens divided by the step's token
         count, or, with several adapters in the batch, each adapter's own mean (:func:`per_adapter_loss`)."""
         if "adapter_per_row" in batches[0]:
             counts = adapter_token_counts(batches)
-            return lambda logits, batch: per_adapter_loss(logits, batch, counts)
+            return lambda outputs, batch: per_adapter_loss(outputs, batch, counts)
         count = max(1, sum(supervised_tokens(b) for b in batches))
-        return lambda logits, batch: logits_loss(logits, batch) / count
+        return lambda outputs, batch: logits_loss(outputs) / count
 
-    def _extra_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-        terms = [t for t in (e.loss(batch, logits) for e in self.extensions) if t is not None]
-        return sum(terms, torch.zeros((), device=logits.device))
+    def _extra_loss(self, batch: dict, outputs: SupervisedLogits) -> torch.Tensor:
+        terms = [t for t in (e.loss(batch, outputs) for e in self.extensions) if t is not None]
+        return sum(terms, torch.zeros((), device=outputs.logits.device))
 
     def _next_batch(self) -> dict:
         position, batch = next(self.stream)

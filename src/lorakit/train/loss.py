@@ -1,17 +1,42 @@
-"""The causal language-modelling loss, summed over supervised tokens.
+"""The causal language-modelling loss, summed over supervised tokens, from only the logits it needs.
 
 ``L = sum_t CE(logits_t, y_{t+1})`` over positions whose next-token label is not ``-100``; callers
 divide by the token count of the whole optimizer step, so gradient accumulation weighs every token
 alike however the tokens fall into micro-batches.
+
+Only the M supervised positions' logits enter the loss, so they are the only ones computed where the
+model allows it: a causal LM of a family in :data:`HEAD_ON_LAST_HIDDEN` computes ``logits =
+head(body(x))`` with nothing in between, so lorakit runs the body, keeps the M positions' hidden
+states and applies the output head to those rows alone. The numbers are the same as selecting from
+the full ``(B, T, V)`` logits (a test); the head's FLOPs and the logits' memory shrink by ``M / BT``
+(with masked prompts most positions carry no loss; SmolLM2's head is a fifth of its forward FLOPs).
+Any other model (mixture wrappers, soft-capped or scaled heads) computes the full logits and selects.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.activation import mixed_batch
+from lorakit.core.layer import LoraLayer
 from lorakit.data.encoding import IGNORE_INDEX
+
+HEAD_ON_LAST_HIDDEN = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
+"""Model families whose ``*ForCausalLM`` computes ``logits = get_output_embeddings()(base_model(...)[0])``."""
+
+
+@dataclass(frozen=True)
+class SupervisedLogits:
+    """The logits of the M positions whose next token carries a loss, their targets and batch rows."""
+
+    logits: torch.Tensor  # (M, V)
+    targets: torch.Tensor  # (M,)
+    rows: torch.Tensor  # (M,)
+    batch_size: int
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -25,44 +50,62 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits (B, T, V) of ``batch``: ``input_ids`` and either an ``attention_mask`` (padded rows)
-    or ``position_ids`` (packed rows, no cache)."""
+def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+    """``input_ids`` and either an ``attention_mask`` (padded rows) or ``position_ids`` (packed rows), on
+    the model's device, without a KV cache (a training or scoring forward never reuses one)."""
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "position_ids" in inputs:
-        inputs["use_cache"] = False
-    if "adapter_per_row" in batch:  # several adapters trained in one batch
-        inputs["adapter_per_row"] = batch["adapter_per_row"]
-    return model(**inputs).logits
+    return {**inputs, "use_cache": False}
 
 
-def supervised_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The (M, V) logits of the M positions whose next token carries a loss."""
-    mask = batch["labels"].to(logits.device)[:, 1:] != IGNORE_INDEX
-    return logits[:, :-1][mask]
+def _body_and_head(model: nn.Module, per_row: bool) -> tuple[nn.Module, nn.Module] | None:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in HEAD_ON_LAST_HIDDEN:
+        return None
+    head, body = model.get_output_embeddings(), getattr(model, "base_model", model)
+    if head is None or body is model or (per_row and isinstance(head, LoraLayer)):
+        return None  # a per-row adapter on the head needs the batch's rows: the full path keeps them
+    return body, head
 
 
-def logits_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed next-token cross-entropy of ``logits`` (B, T, V) against ``batch["labels"]``."""
-    targets = batch["labels"].to(logits.device)[:, 1:]
-    shifted = logits[:, :-1]
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def supervised_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> SupervisedLogits:
+    """The supervised positions' logits of ``batch`` (keys as :func:`_model_inputs`; ``adapter_per_row``
+    routes each row to its own adapter), computed at those positions only where the model allows."""
+    inputs = _model_inputs(model, batch)
+    labels = batch["labels"].to(inputs["input_ids"].device)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    per_row = batch.get("adapter_per_row")
+    split = _body_and_head(model, per_row is not None)
+    if split is None:
+        if per_row is not None:
+            inputs["adapter_per_row"] = per_row
+        logits = model(**inputs).logits[:, :-1][mask]
+    else:
+        body, head = split
+        if per_row is not None:
+            with mixed_batch(model, per_row):
+                hidden = body(**inputs)[0]
+        else:
+            hidden = body(**inputs)[0]
+        logits = head(hidden[:, :-1][mask])
+    return SupervisedLogits(logits, labels[:, 1:][mask], rows, labels.shape[0])
 
 
-def row_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's summed next-token cross-entropy, ``(B,)``."""
-    targets = batch["labels"].to(logits.device)[:, 1:]
-    shifted = logits[:, :-1]
-    tokens = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none")
-    return tokens.reshape(targets.shape).sum(dim=1)
+def logits_loss(outputs: SupervisedLogits) -> torch.Tensor:
+    """The summed next-token cross-entropy of the supervised logits."""
+    return F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="sum")
+
+
+def row_losses(outputs: SupervisedLogits) -> torch.Tensor:
+    """Each batch row's summed next-token cross-entropy, ``(B,)``."""
+    tokens = F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="none")
+    return torch.zeros(outputs.batch_size, device=tokens.device, dtype=tokens.dtype).index_add(0, outputs.rows, tokens)
 
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed next-token cross-entropy of ``batch`` (see :func:`batch_logits` for its keys)."""
-    return logits_loss(batch_logits(model, batch), batch)
+    """The summed next-token cross-entropy of ``batch`` (see :func:`supervised_outputs`)."""
+    return logits_loss(supervised_outputs(model, batch))
 
 
 def adapter_token_counts(batches: list[dict]) -> dict[str, int]:
@@ -75,8 +118,9 @@ def adapter_token_counts(batches: list[dict]) -> dict[str, int]:
     return counts
 
 
-def per_adapter_loss(logits: torch.Tensor, batch: dict, counts: dict[str, int]) -> torch.Tensor:
+def per_adapter_loss(outputs: SupervisedLogits, batch: dict, counts: dict[str, int]) -> torch.Tensor:
     """``sum_j (loss of adapter j's rows) / (adapter j's supervised tokens in the step)``: each adapter's own
     mean loss, so its gradient is the one it would get trained alone on its rows."""
-    weights = torch.tensor([1.0 / max(1, counts[name]) for name in batch["adapter_per_row"]], device=logits.device)
-    return (row_losses(logits, batch) * weights).sum()
+    losses = row_losses(outputs)
+    weights = torch.tensor([1.0 / max(1, counts[name]) for name in batch["adapter_per_row"]], device=losses.device)
+    return (losses * weights).sum()

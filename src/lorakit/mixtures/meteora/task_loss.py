@@ -82,10 +82,10 @@ class MeteoraTaskLoss(TrainingExtension):
         self.task_index = {task: model.names.index(adapter) for task, adapter in mapping.items()}
         self.weight = model.config.task_loss_weight if weight is None else float(weight)
 
-    def loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: dict, outputs) -> torch.Tensor | None:
         tasks = batch.get("task_per_row")
         if tasks is None or all(t is None for t in tasks):
-            return torch.zeros((), device=logits.device)
+            return None  # no row names its task: no term
         recorded = list(self.model.gate_logits.values())
         if not recorded:
             raise StateError("no MeteoRA gate logits recorded yet: run the MeteoraModel's forward first")

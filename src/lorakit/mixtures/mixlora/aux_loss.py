@@ -53,7 +53,7 @@ class MixLoraAuxLoss(TrainingExtension):
         self.coefficient = config.aux_loss_coefficient if coefficient is None else coefficient
         self.top_k = config.top_k
 
-    def loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor], outputs) -> torch.Tensor:
         recorded = [layer.router_logits for layer in self.layers]
         if any(r is None for r in recorded):
             raise StateError("no MixLoRA router logits recorded yet: run the model's forward first")
