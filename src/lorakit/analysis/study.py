@@ -12,7 +12,7 @@ English (:mod:`lorakit.analysis.plain_text`). Then every LoRA run's intruders ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class IntruderStudy:
     forgetting_tasks: tuple[str, ...] = ("caps", "units", "add")
     forgetting_n: int = 64
     mitigation: float = MITIGATION_LAMBDA
+    mitigation_epsilon: float = 0.99
+    """ε of the mitigation: at the paper's 0.5 no run of this size has an intruder to scale."""
     intruders: IntruderSettings = SWEEP
 
 
@@ -118,8 +120,8 @@ def run_intruder_study(out: str | Path, *, study: IntruderStudy = IntruderStudy(
         if run.rank is not None:
             mitigated = out / f"{run.name}-mitigated"
             run_stage(mitigated, lambda run=run, mitigated=mitigated: mitigate_intruders(
-                out / run.name, mitigated, base=base_model, scale=study.mitigation, intruders=study.intruders,
-                overwrite=True).summary(), report)
+                out / run.name, mitigated, base=base_model, scale=study.mitigation, overwrite=True,
+                intruders=replace(study.intruders, epsilon=study.mitigation_epsilon)).summary(), report)
             variants.append((f"{run.name}-mitigated", mitigated))
         for name, path in variants:
             rows.append({"run": name, "of": asdict(run), "train_loss": trained["train_loss"],
