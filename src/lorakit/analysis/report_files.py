@@ -30,8 +30,7 @@ def layer_and_type(module: str) -> tuple[str, str]:
 def _grid(modules: list[dict], value: Callable[[dict], float]) -> tuple[list[list[float]], list[str], list[str]]:
     """``value`` per (layer, module type) as a matrix, rows in numeric layer order; missing cells are 0."""
     cells = {layer_and_type(m["module"]): value(m) for m in modules}
-    layers = sorted({layer for layer, _ in cells}, key=lambda layer: (not layer.isdigit(), int(layer) if
-                                                                       layer.isdigit() else 0))
+    layers = sorted({layer for layer, _ in cells}, key=lambda layer: int(layer) if layer.isdigit() else -1)
     types = list(dict.fromkeys(kind for _, kind in cells))
     return [[cells.get((layer, kind), 0.0) for kind in types] for layer in layers], layers, types
 

@@ -90,5 +90,5 @@ def _weights_subject(directory: Path, base_model: nn.Module) -> Subject:
         if torch.equal(after, before):
             skipped[module] = "unchanged"
             continue
-        deltas[module] = DenseDelta((after.double() - before.double()))
+        deltas[module] = DenseDelta(after.double() - before.double())
     return Subject(str(directory), "weights", deltas, skipped)
