@@ -19,40 +19,24 @@ adapter for every row. Prints one JSON line per measurement and a final summary 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import lorakit
-from lorakit.core.state import lora_layers
+from common import emit, random_adapter, timed
 
 RANK, ALPHA, TARGETS, ROWS, ADAPTERS = 8, 16, ("q_proj", "k_proj", "v_proj"), 32, 32
 DISTINCT = (1, 4, 16, 32)
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
 def random_adapters(model, root: Path) -> list[Path]:
     """Attach 32 random non-zero adapters to ``model`` and save each (PEFT loads the same files)."""
     generator = torch.Generator().manual_seed(0)
-    paths = []
-    for index in range(ADAPTERS):
-        name = f"a{index}"
-        lorakit.attach(model, lorakit.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS), name, activate=False,
-                       trainable=False)
-        with torch.no_grad():
-            for _, layer in lora_layers(model):
-                adapter = layer.adapters[name]
-                adapter.A.copy_(torch.randn(adapter.A.shape, generator=generator) * 0.02)
-                adapter.B.copy_(torch.randn(adapter.B.shape, generator=generator) * 0.02)
-        paths.append(lorakit.save_adapter(model, root / name, name))
-    return paths
+    config = lorakit.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
+    return [random_adapter(model, config, f"a{index}", root, generator) for index in range(ADAPTERS)]
 
 
 def peft_model(paths: list[Path]):
@@ -66,12 +50,6 @@ def peft_model(paths: list[Path]):
 
 def rows_for(distinct: int) -> list[str]:
     return [f"a{row % distinct}" for row in range(ROWS)]
-
-
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def systems(lorakit_model, peft, ids, mask, new_tokens: int) -> dict:

@@ -1,61 +1,132 @@
 """LoRA training throughput and peak memory: lorakit vs peft on the default model, same run.
 
-Same configuration for both (all-linear, r = 16, alpha = 32, dropout 0, batch 8, AdamW, fp32 on the
-CPU); each library computes its loss its own way: peft through the model's ``labels`` loss (full
-logits), lorakit through its trainer's loss (:func:`lorakit.train.loss.supervised_outputs`). Data:
-``--data random`` is 8 x 128 random tokens, every one supervised; ``--data sft`` is 8 chat-formatted
-examples of the built-in ``date`` task with their prompts masked (-100), as in instruction tuning.
+Same configuration for both (all-linear, r = 16, alpha = 32, dropout 0, batch 8 x length 128, AdamW,
+fp32 on the CPU; each can be changed, see ``--help``); each library computes its loss its own way:
+peft through the model's ``labels`` loss (full logits), lorakit through its trainer's loss
+(:func:`lorakit.train.loss.supervised_outputs`, the head fused with the cross-entropy). Data:
+``--data random`` is random tokens, every one supervised; ``--data sft`` is chat-formatted examples of
+the built-in ``date`` task with their prompts masked (-100), as in instruction tuning.
+Each child also times the machine's fp32 matmul throughput and reports the fraction of it the run
+reaches: tokens/s x training FLOPs per token (:func:`training_flops_per_token`) / matmul FLOP/s.
 Each measurement runs in its own subprocess so that peak memory (max RSS) is that library's alone;
 runs alternate between the libraries to spread machine noise evenly. Prints one JSON line per
 measurement and a final line with the ratios.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--repeats 2] [--data random|sft]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--repeats 2] [--data random|sft] [--dropout 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-BATCH, LENGTH, RANK, ALPHA = 8, 128, 16, 32
+LIBRARIES = ("peft", "lorakit")
 
 
-def batch_of(data: str, tokenizer) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    """One training configuration; ``adapters`` counts every attached adapter, one of them trained."""
+
+    data: str = "random"
+    batch: int = 8
+    length: int = 128
+    rank: int = 16
+    dropout: float = 0.0
+    adapters: int = 1
+
+    def arguments(self) -> list[str]:
+        return [f"--{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(Setting):
+        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+
+
+def setting_of(args: argparse.Namespace) -> Setting:
+    return Setting(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Setting)})
+
+
+def batch_of(setting: Setting, tokenizer) -> dict:
     """The benchmark's one batch: ``input_ids``, ``attention_mask`` and ``labels``."""
     import torch
 
-    if data == "random":
-        ids = torch.randint(0, 49152, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    if setting.data == "random":
+        ids = torch.randint(0, 49152, (setting.batch, setting.length), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     from lorakit.data.batching import collate
     from lorakit.data.encoding import encode, pad_id
     from lorakit.data.tasks import get_task
-    encoded = [encode(e, tokenizer, chat=True, max_length=LENGTH) for e in get_task("date").examples("train", BATCH)]
-    return collate(encoded, pad_id=pad_id(tokenizer))
+    examples = get_task("date").examples("train", setting.batch)
+    return collate([encode(e, tokenizer, chat=True, max_length=setting.length) for e in examples], pad_id=pad_id(tokenizer))
 
 
-def measure(library: str, steps: int, data: str) -> dict:
+def matmul_flops_per_s(seconds: float = 3.0) -> float:
+    """The machine's fp32 matmul throughput (FLOP/s) on a (1024 x 576) @ (576 x 1536) product, the shape
+    of the model's FFN projections at batch 8 x 128: the best of three timings of ``seconds / 3``."""
+    import torch
+
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, count * 2 * 1024 * 576 * 1536 / (time.perf_counter() - started))
+    return best
+
+
+def training_flops_per_token(model, length: int) -> float:
+    """``4 x`` the parameters of every linear layer (forward + input gradients, the output head included),
+    plus attention's ``QKᵀ`` and ``AV`` (forward + backward: ``8 x layers x length x hidden``)."""
+    import torch
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    return 4 * linear + 8 * config.num_hidden_layers * length * config.hidden_size
+
+
+def adapted(library: str, model, setting: Setting):
+    """``model`` with ``setting.adapters`` adapters attached the library's way, the first one trained;
+    returns the model to call and its trainable parameters."""
+    if library == "lorakit":
+        import lorakit
+        config = lorakit.LoraConfig(rank=setting.rank, alpha=2 * setting.rank, targets="all-linear",
+                                    dropout=setting.dropout)
+        for index in range(setting.adapters):
+            lorakit.attach(model, config, f"a{index}", activate=index == 0, trainable=index == 0)
+        return model, list(lorakit.trainable_parameters(model).values())
+    import peft
+    config = peft.LoraConfig(r=setting.rank, lora_alpha=2 * setting.rank, target_modules="all-linear",
+                             lora_dropout=setting.dropout)
+    model = peft.get_peft_model(model, config, adapter_name="a0")
+    for index in range(1, setting.adapters):
+        model.add_adapter(f"a{index}", config)
+    model.set_adapter("a0")
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def measure(library: str, steps: int, setting: Setting) -> dict:
     """Train ``steps`` steps (after 2 warm-up steps) with ``library``; tokens/s and peak RSS."""
     import torch
 
     from lorakit.models import load_model
 
     model, tokenizer = load_model()
-    batch = batch_of(data, tokenizer)
+    batch = batch_of(setting, tokenizer)
+    flops_per_token = training_flops_per_token(model, int(batch["attention_mask"].sum(dim=1).float().mean()))
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if library == "lorakit":
-        import lorakit
-        lorakit.attach(model, lorakit.LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear"))
-        parameters = list(lorakit.trainable_parameters(model).values())
-    else:
-        import peft
-        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
-        parameters = [p for p in model.parameters() if p.requires_grad]
+    model, parameters = adapted(library, model, setting)
     model.train()
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
@@ -77,38 +148,49 @@ def measure(library: str, steps: int, data: str) -> dict:
         step()
     seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tokens = int(batch["attention_mask"].sum())
-    return {"library": library, "data": data, "tokens_per_s": steps * tokens / seconds,
-            "seconds_per_step": seconds / steps, "peak_rss_mib": peak_kib / 1024, "training_rss_mib": (peak_kib - baseline_kib) / 1024,
+    tokens_per_s = steps * int(batch["attention_mask"].sum()) / seconds
+    peak = matmul_flops_per_s()
+    return {"library": library, **dataclasses.asdict(setting), "tokens_per_s": tokens_per_s,
+            "fraction_of_matmul_peak": tokens_per_s * flops_per_token / peak, "matmul_gflops": peak / 1e9,
+            "seconds_per_step": seconds / steps, "peak_rss_mib": peak_kib / 1024,
+            "training_rss_mib": (peak_kib - baseline_kib) / 1024,
             "trainable_parameters": sum(p.numel() for p in parameters), "threads": torch.get_num_threads()}
+
+
+def run_child(library: str, steps: int, setting: Setting) -> dict:
+    """:func:`measure` in a fresh process (its peak memory is that run's alone)."""
+    out = subprocess.run([sys.executable, __file__, "--child", library, "--steps", str(steps), *setting.arguments()],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(steps: int, repeats: int, setting: Setting) -> dict:
+    """Alternate the libraries ``repeats`` times; medians and lorakit/peft ratios."""
+    results: dict[str, list[dict]] = {library: [] for library in LIBRARIES}
+    for _ in range(repeats):
+        for library in LIBRARIES:
+            results[library].append(run_child(library, steps, setting))
+            print(json.dumps(results[library][-1]), flush=True)
+    summary = {"summary": "train_throughput", **dataclasses.asdict(setting)}
+    for key in ("tokens_per_s", "peak_rss_mib", "fraction_of_matmul_peak"):
+        for library, records in results.items():
+            summary[f"{library}_{key}"] = statistics.median(r[key] for r in records)
+    summary["speed_ratio_lorakit_over_peft"] = summary["lorakit_tokens_per_s"] / summary["peft_tokens_per_s"]
+    summary["memory_ratio_lorakit_over_peft"] = summary["lorakit_peak_rss_mib"] / summary["peft_peak_rss_mib"]
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--data", choices=["random", "sft"], default="random")
-    parser.add_argument("--child", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
+    add_setting_arguments(parser)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.data)))
+        print(json.dumps(measure(args.child, args.steps, setting_of(args))))
         return
-    results: dict[str, list[dict]] = {"lorakit": [], "peft": []}
-    for _ in range(args.repeats):
-        for library in ("peft", "lorakit"):
-            out = subprocess.run([sys.executable, __file__, "--child", library, "--steps", str(args.steps),
-                                  "--data", args.data],
-                                 check=True, capture_output=True, text=True).stdout
-            record = json.loads(out.strip().splitlines()[-1])
-            results[library].append(record)
-            print(json.dumps(record), flush=True)
-    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
-    memory = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in results.items()}
-    print(json.dumps({"summary": "train_throughput", "data": args.data, "batch": BATCH, "length": LENGTH, "rank": RANK,
-                      "lorakit_tokens_per_s": speed["lorakit"], "peft_tokens_per_s": speed["peft"],
-                      "speed_ratio_lorakit_over_peft": speed["lorakit"] / speed["peft"],
-                      "lorakit_peak_rss_mib": memory["lorakit"], "peft_peak_rss_mib": memory["peft"],
-                      "memory_ratio_lorakit_over_peft": memory["lorakit"] / memory["peft"]}))
+    print(json.dumps(compare(args.steps, args.repeats, setting_of(args))))
 
 
 if __name__ == "__main__":

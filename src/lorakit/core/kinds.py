@@ -49,6 +49,10 @@ class LayerKind(ABC):
     def up(self, code: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """The output delta of a code, e.g. ``code B^T`` for a linear layer (unscaled)."""
 
+    def add_up(self, result: torch.Tensor, code: torch.Tensor, B: torch.Tensor, weight: float) -> torch.Tensor:
+        """``result + weight * up(code, B)``, in ``result``'s dtype (a new tensor)."""
+        return result + (self.up(code, B) * weight).to(result.dtype)
+
     @abstractmethod
     def delta_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``B A`` laid out like ``base.weight`` (unscaled)."""
@@ -70,6 +74,16 @@ class LinearKind(LayerKind):
 
     def up(self, code, B):
         return F.linear(code, B)
+
+    def add_up(self, result, code, B, weight):
+        """One ``addmm``: the scale and the sum ride on the product, with no (tokens x out) temporaries; in
+        place into the base layer's fresh output when autograd records nothing (inference)."""
+        if result.dtype != code.dtype:
+            return super().add_up(result, code, B, weight)
+        flat_code = code.reshape(-1, code.shape[-1])
+        if not (result.requires_grad or code.requires_grad) and result.is_contiguous() and result._base is None:
+            return result.view(-1, result.shape[-1]).addmm_(flat_code, B.t(), alpha=weight).view(result.shape)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), flat_code, B.t(), alpha=weight).view(result.shape)
 
     def delta_weight(self, A, B):
         return B @ A

@@ -63,7 +63,8 @@ class LoraLayer(nn.Module):
         if not routing.weights and not self.merged:
             return result
         for name, weight in self._static_weights(routing).items():
-            result = result + self._delta(self.adapters[name], x, weight).to(result.dtype)
+            code, B, scale = self._code(self.adapters[name], x)
+            result = self.kind.add_up(result, code, B, weight * scale)
         return result
 
     def adapter_delta(self, name: str, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
@@ -73,17 +74,23 @@ class LoraLayer(nn.Module):
 
     def _static_weights(self, routing: StaticRouting) -> dict[str, float]:
         """Each adapter's weight in this forward, less what merging already put in the base weight."""
-        weights = {n: w for n, w in routing.weights.items() if n in self.adapters}
+        weights = {n: w for n, w in routing.weights.items() if n in self.adapters and w != 0.0}
+        if not self.merged:
+            return weights
         for name, merged_weight in self.merged.items():
             weights[name] = weights.get(name, 0.0) - merged_weight
         return {n: w for n, w in weights.items() if w != 0.0}
 
+    def _code(self, adapter: LoraAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``down(drop(x), A)`` in the adapter's dtype, with the ``B`` and scale that turn it into a delta."""
+        A, B, scale = adapter.factors()
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        return self.kind.down(self.base_layer, adapter.drop(x), A), B, scale
+
     def _delta(self, adapter: LoraAdapter, x: torch.Tensor, weight: float) -> torch.Tensor:
         """``weight * s * up(down(drop(x), A), B)``, computed in the adapter's dtype."""
-        A, B, scale = adapter.factors()
-        if x.is_floating_point():
-            x = x.to(A.dtype)
-        code = self.kind.down(self.base_layer, adapter.drop(x), A)
+        code, B, scale = self._code(adapter, x)
         return self.kind.up(code, B) * (weight * scale)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting) -> torch.Tensor:

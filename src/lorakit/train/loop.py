@@ -198,8 +198,8 @@ class _Run:
         task_loss, regularization = 0.0, 0.0
         for batch in batches:
             outputs = supervised_outputs(self.model, batch)
+            extra = self._extra_loss(batch, outputs) / len(batches)  # first: logits it asks for are reused
             loss = task_loss_of(outputs, batch)
-            extra = self._extra_loss(batch, outputs) / len(batches)
             if not torch.isfinite(loss + extra):
                 self._diverged(step, (loss + extra).item())
             (loss + extra).backward()
@@ -227,7 +227,7 @@ class _Run:
 
     def _extra_loss(self, batch: dict, outputs: SupervisedLogits) -> torch.Tensor:
         terms = [t for t in (e.loss(batch, outputs) for e in self.extensions) if t is not None]
-        return sum(terms, torch.zeros((), device=outputs.logits.device))
+        return sum(terms, torch.zeros((), device=outputs.device))
 
     def _next_batch(self) -> dict:
         position, batch = next(self.stream)

@@ -11,11 +11,11 @@ states and applies the output head to those rows alone. The numbers are the same
 the full ``(B, T, V)`` logits (a test); the head's FLOPs and the logits' memory shrink by ``M / BT``
 (with masked prompts most positions carry no loss; SmolLM2's head is a fifth of its forward FLOPs).
 Any other model (mixture wrappers, soft-capped or scaled heads) computes the full logits and selects.
+With a frozen linear head the M positions' logits are not materialised either: the head and the
+cross-entropy run fused, a block of rows at a time (:mod:`lorakit.train.head_loss`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +24,37 @@ from torch import nn
 from lorakit.core.activation import mixed_batch
 from lorakit.core.layer import LoraLayer
 from lorakit.data.encoding import IGNORE_INDEX
+from lorakit.train.head_loss import fusable_head, head_token_losses
 
 HEAD_ON_LAST_HIDDEN = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
 """Model families whose ``*ForCausalLM`` computes ``logits = get_output_embeddings()(base_model(...)[0])``."""
 
 
-@dataclass(frozen=True)
 class SupervisedLogits:
-    """The logits of the M positions whose next token carries a loss, their targets and batch rows."""
+    """The M positions whose next token carries a loss: their targets, batch rows, and their logits
+    ``(M, V)``, computed on first use from the hidden states and the head when those are what the forward
+    kept (then :func:`token_losses` can skip the logits altogether, :mod:`lorakit.train.head_loss`)."""
 
-    logits: torch.Tensor  # (M, V)
-    targets: torch.Tensor  # (M,)
-    rows: torch.Tensor  # (M,)
-    batch_size: int
+    def __init__(self, targets: torch.Tensor, rows: torch.Tensor, batch_size: int, *,
+                 logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                 head: nn.Module | None = None) -> None:
+        self.targets, self.rows, self.batch_size = targets, rows, batch_size
+        self.hidden, self.head, self._logits = hidden, head, logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the logits exist already (given by the forward, or asked for before)."""
+        return self._logits is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.targets.device
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -75,31 +93,38 @@ def supervised_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Supe
     labels = batch["labels"].to(inputs["input_ids"].device)
     mask = labels[:, 1:] != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    targets = labels[:, 1:][mask]
     per_row = batch.get("adapter_per_row")
     split = _body_and_head(model, per_row is not None)
     if split is None:
         if per_row is not None:
             inputs["adapter_per_row"] = per_row
-        logits = model(**inputs).logits[:, :-1][mask]
-    else:
-        body, head = split
-        if per_row is not None:
-            with mixed_batch(model, per_row):
-                hidden = body(**inputs)[0]
-        else:
+        return SupervisedLogits(targets, rows, labels.shape[0], logits=model(**inputs).logits[:, :-1][mask])
+    body, head = split
+    if per_row is not None:
+        with mixed_batch(model, per_row):
             hidden = body(**inputs)[0]
-        logits = head(hidden[:, :-1][mask])
-    return SupervisedLogits(logits, labels[:, 1:][mask], rows, labels.shape[0])
+    else:
+        hidden = body(**inputs)[0]
+    return SupervisedLogits(targets, rows, labels.shape[0], hidden=hidden[:, :-1][mask], head=head)
+
+
+def token_losses(outputs: SupervisedLogits) -> torch.Tensor:
+    """Each supervised token's next-token cross-entropy, ``(M,)`` in fp32: fused with a frozen linear
+    head (:mod:`lorakit.train.head_loss`) unless the logits were already asked for."""
+    if not outputs.has_logits and outputs.hidden is not None and fusable_head(outputs.head):
+        return head_token_losses(outputs.hidden, outputs.head, outputs.targets)
+    return F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="none")
 
 
 def logits_loss(outputs: SupervisedLogits) -> torch.Tensor:
-    """The summed next-token cross-entropy of the supervised logits."""
-    return F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="sum")
+    """The summed next-token cross-entropy of the supervised positions."""
+    return token_losses(outputs).sum()
 
 
 def row_losses(outputs: SupervisedLogits) -> torch.Tensor:
     """Each batch row's summed next-token cross-entropy, ``(B,)``."""
-    tokens = F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="none")
+    tokens = token_losses(outputs)
     return torch.zeros(outputs.batch_size, device=tokens.device, dtype=tokens.dtype).index_add(0, outputs.rows, tokens)
 
 
