@@ -4,17 +4,19 @@ Default model (SmolLM2-135M-Instruct, fp32, CPU). Adapters with random non-zero 
 and loaded by both libraries: ``all16`` (all-linear, r = 16, alpha = 32: about 4.6% extra forward
 FLOPs) and ``qkv8`` (q/k/v, r = 8, alpha = 16). Systems: the plain base model (no wrappers), each
 library with each adapter unmerged, and each library with ``all16`` merged into the base weights
-(lorakit: ``merge``, which keeps the adapter unmergeable; PEFT: ``merge_adapter``). Measured, as
-medians over ``--repeats`` round-robin repeats, under ``torch.inference_mode``:
+(lorakit: ``merge``, which keeps the adapter unmergeable; PEFT: ``merge_adapter``). Measured
+``--repeats`` times, round-robin over the systems, under ``torch.inference_mode``:
 
-* ``forward``: one forward of 8 rows x 128 tokens (prefill);
-* ``per_token``: one more greedy token for one row with the KV cache,
-  ``(t(generate 1 + --new-tokens) - t(generate 1)) / --new-tokens``.
+* ``forward``: one forward of 4 rows x 128 tokens (prefill);
+* ``generate``: ``--new-tokens`` greedy tokens for one row after a 32-token prompt, with the KV cache
+  (decoding dominates: the prompt is one forward of 32 tokens).
 
-Ratios are to the base model in the same run. Also checks that the two libraries' logits agree.
+Each measurement of a system is paired with one of the base model right before it, and the ratio
+reported is the median of the paired ratios: this shared machine's load drifts by tens of percent
+within minutes, and a pair shares it. Also checks that the two libraries' logits agree.
 Prints JSON lines and a final summary; results in ``docs/results/performance.md``.
 
-    .venv/bin/python benchmarks/inference_overhead.py [--repeats 5] [--new-tokens 16]
+    .venv/bin/python benchmarks/inference_overhead.py [--repeats 9] [--new-tokens 16]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common import emit, random_adapter, timed
 
 ADAPTERS = {"all16": lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear"),
             "qkv8": lorakit.LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj"))}
-ROWS, TOKENS, PROMPT = 8, 128, 32
+ROWS, TOKENS, PROMPT = 4, 128, 32
 
 
 def build_systems(root: Path) -> dict:
@@ -82,6 +84,9 @@ def check_logits(systems: dict, ids: torch.Tensor) -> dict[str, float]:
 
 
 def measure(systems: dict, repeats: int, new_tokens: int) -> dict[str, dict[str, float]]:
+    """Each system's forward and generation timed right after the base model's, ``repeats`` times; the
+    medians of the paired ratios (a pair shares the machine's momentary state, so drifting load on a
+    shared machine cancels) and of the times."""
     batch = torch.randint(100, 20000, (ROWS, TOKENS), generator=torch.Generator().manual_seed(1))
     prompt = batch[:1, :PROMPT]
 
@@ -90,30 +95,35 @@ def measure(systems: dict, repeats: int, new_tokens: int) -> dict[str, dict[str,
             activate(model, adapter)
             model(input_ids=batch)
 
-        def generate(n):
+        def generate():
             activate(model, adapter)
-            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return {"forward": forward, "generate_1": lambda: generate(1), "generate_n": lambda: generate(1 + new_tokens)}
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return {"forward": forward, "generate": generate}
 
     work = {name: calls(*system) for name, system in systems.items()}
-    times = {name: {key: [] for key in fns} for name, fns in work.items()}
     for fns in work.values():  # warm-up
         for fn in fns.values():
             fn()
+    times = {name: {"forward": [], "generate": []} for name in work}
+    ratios = {name: {"forward": [], "generate": []} for name in work}
     for repeat in range(repeats):
         for name, fns in work.items():
             for key, fn in fns.items():
-                times[name][key].append(timed(fn))
-                emit({"measurement": key, "system": name, "repeat": repeat, "seconds": round(times[name][key][-1], 4)})
-    return {name: {"forward_s": statistics.median(series["forward"]),
-                   "per_token_s": (statistics.median(series["generate_n"]) - statistics.median(series["generate_1"]))
-                   / new_tokens} for name, series in times.items()}
+                base, seconds = timed(work["base"][key]), timed(fn)
+                times[name][key].append(seconds)
+                ratios[name][key].append(seconds / base)
+                emit({"measurement": key, "system": name, "repeat": repeat, "seconds": round(seconds, 4),
+                      "base_seconds": round(base, 4)})
+    return {name: {"forward_s": statistics.median(times[name]["forward"]),
+                   "generate_s": statistics.median(times[name]["generate"]),
+                   "forward_vs_base": statistics.median(ratios[name]["forward"]),
+                   "generate_vs_base": statistics.median(ratios[name]["generate"])} for name in work}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
@@ -122,12 +132,9 @@ def main() -> None:
             model.eval()
         emit({"measurement": "check", **check_logits(systems, torch.randint(100, 20000, (2, 16)))})
         results = measure(systems, args.repeats, args.new_tokens)
-    base = results["base"]
     summary = {"threads": torch.get_num_threads(), "rows": ROWS, "tokens": TOKENS, "new_tokens": args.new_tokens}
     for name, result in results.items():
-        summary[name] = {"forward_vs_base": round(result["forward_s"] / base["forward_s"], 4),
-                         "per_token_vs_base": round(result["per_token_s"] / base["per_token_s"], 4),
-                         "tokens_per_s": round(1 / result["per_token_s"], 2),
+        summary[name] = {"tokens_per_s": round(args.new_tokens / result["generate_s"], 2),
                          **{k: round(v, 4) for k, v in result.items()}}
         emit({"measurement": "summary_row", "system": name, **summary[name]})
     emit({"measurement": "summary", **summary})

@@ -3,13 +3,15 @@
 Same configuration for both (all-linear, r = 16, alpha = 32, dropout 0, batch 8 x length 128, AdamW,
 fp32 on the CPU; each can be changed, see ``--help``); each library computes its loss its own way:
 peft through the model's ``labels`` loss (full logits), lorakit through its trainer's loss
-(:func:`lorakit.train.loss.supervised_outputs`, the head fused with the cross-entropy). Data:
+(:func:`lorakit.train.loss.supervised_outputs`, the head fused with the cross-entropy) with freed
+memory kept for reuse as lorakit's trainer does (``--allocator reuse-both`` gives peft the same). Data:
 ``--data random`` is random tokens, every one supervised; ``--data sft`` is chat-formatted examples of
 the built-in ``date`` task with their prompts masked (-100), as in instruction tuning.
 Each child also times the machine's fp32 matmul throughput and reports the fraction of it the run
 reaches: tokens/s x training FLOPs per token (:func:`training_flops_per_token`) / matmul FLOP/s.
 Each measurement runs in its own subprocess so that peak memory (max RSS) is that library's alone;
-runs alternate between the libraries to spread machine noise evenly. Prints one JSON line per
+runs alternate between the libraries and the ratios are medians over back-to-back pairs, because this
+shared machine's speed drifts by tens of percent within minutes. Prints one JSON line per
 measurement and a final line with the ratios.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--repeats 2] [--data random|sft] [--dropout 0.1]
@@ -40,6 +42,9 @@ class Setting:
     rank: int = 16
     dropout: float = 0.0
     adapters: int = 1
+    allocator: str = "as-shipped"
+    """``as-shipped``: lorakit keeps freed memory as its trainer does (:mod:`lorakit.train.allocator`),
+    peft runs with glibc's defaults; ``reuse-both``: both keep it (how much of the gap is the allocator)."""
 
     def arguments(self) -> list[str]:
         return [f"--{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
@@ -122,6 +127,9 @@ def measure(library: str, steps: int, setting: Setting) -> dict:
 
     from lorakit.models import load_model
 
+    if library == "lorakit" or setting.allocator == "reuse-both":
+        from lorakit.train.allocator import reuse_freed_memory
+        reuse_freed_memory()
     model, tokenizer = load_model()
     batch = batch_of(setting, tokenizer)
     flops_per_token = training_flops_per_token(model, int(batch["attention_mask"].sum(dim=1).float().mean()))
@@ -165,7 +173,8 @@ def run_child(library: str, steps: int, setting: Setting) -> dict:
 
 
 def compare(steps: int, repeats: int, setting: Setting) -> dict:
-    """Alternate the libraries ``repeats`` times; medians and lorakit/peft ratios."""
+    """Alternate the libraries ``repeats`` times; medians, and the medians of the lorakit/peft ratios of
+    back-to-back pairs (a pair shares the shared machine's momentary load)."""
     results: dict[str, list[dict]] = {library: [] for library in LIBRARIES}
     for _ in range(repeats):
         for library in LIBRARIES:
@@ -175,8 +184,9 @@ def compare(steps: int, repeats: int, setting: Setting) -> dict:
     for key in ("tokens_per_s", "peak_rss_mib", "fraction_of_matmul_peak"):
         for library, records in results.items():
             summary[f"{library}_{key}"] = statistics.median(r[key] for r in records)
-    summary["speed_ratio_lorakit_over_peft"] = summary["lorakit_tokens_per_s"] / summary["peft_tokens_per_s"]
-    summary["memory_ratio_lorakit_over_peft"] = summary["lorakit_peak_rss_mib"] / summary["peft_peak_rss_mib"]
+    pairs = list(zip(results["peft"], results["lorakit"]))
+    summary["speed_ratio_lorakit_over_peft"] = statistics.median(o["tokens_per_s"] / p["tokens_per_s"] for p, o in pairs)
+    summary["memory_ratio_lorakit_over_peft"] = statistics.median(o["peak_rss_mib"] / p["peak_rss_mib"] for p, o in pairs)
     return summary
 
 

@@ -31,6 +31,7 @@ from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.train.allocator import reuse_freed_memory
 from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
                                       save_checkpoint)
 from lorakit.train.evaluate_loss import mean_loss
@@ -109,6 +110,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)
+    reuse_freed_memory()
     extensions = [*build_extensions(model, config, reference), *extensions]
     parameters = _trainable(model, config.full)
     chat = use_chat(tokenizer, config.chat)
