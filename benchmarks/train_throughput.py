@@ -42,6 +42,9 @@ class Setting:
     rank: int = 16
     dropout: float = 0.0
     adapters: int = 1
+    compile: bool = False
+    """Both libraries' model body under ``torch.compile`` (:func:`lorakit.train.compiled.compiled_body`);
+    the warm-up steps include the compilation."""
     allocator: str = "as-shipped"
     """``as-shipped``: lorakit keeps freed memory as its trainer does (:mod:`lorakit.train.allocator`),
     peft runs with glibc's defaults; ``reuse-both``: both keep it (how much of the gap is the allocator)."""
@@ -52,7 +55,9 @@ class Setting:
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(Setting):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+        kind = type(field.default)
+        parser.add_argument(f"--{field.name}", type=(lambda text: text == "True") if kind is bool else kind,
+                            default=field.default)
 
 
 def setting_of(args: argparse.Namespace) -> Setting:
@@ -149,12 +154,14 @@ def measure(library: str, steps: int, setting: Setting) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = time.perf_counter() - started
+    from lorakit.train.compiled import compiled_body
+    with compiled_body(model if library == "lorakit" else model.get_base_model(), setting.compile):
+        for _ in range(2):
+            step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tokens_per_s = steps * int(batch["attention_mask"].sum()) / seconds
     peak = matmul_flops_per_s()

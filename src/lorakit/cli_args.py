@@ -45,6 +45,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, include_full: bool =
     group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
     group.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps (default: 10)")
     group.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model body for training (minutes of compiling first)")
     if include_full:
         group.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (a baseline)")
         add_method_arguments(parser)
@@ -98,7 +100,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, pack=args.pack,
                        full=getattr(args, "full", False), optimizer=getattr(args, "optimizer", "adamw"),
                        method=getattr(args, "method", "lora"), regularizer=getattr(args, "regularizer", None),
-                       options=dict(getattr(args, "option", [])))
+                       options=dict(getattr(args, "option", [])), compile=args.compile)
 
 
 def example_count(data: str, n: int | None, task_default: int) -> int | None:

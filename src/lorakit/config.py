@@ -182,6 +182,9 @@ class TrainConfig:
     """``ba-lora`` (BA-LoRA's consistency, diversity and SVD terms), or None."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Settings of the chosen optimizer, method and regularizer, by name (e.g. ``{"allora_eta": 2.0}``)."""
+    compile: bool = False
+    """Compile the model's decoder body with ``torch.compile`` for the training steps
+    (:mod:`lorakit.train.compiled`): less activation memory, after a compilation of minutes; for long runs."""
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.epochs is None, "steps", self.steps,

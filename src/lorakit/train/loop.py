@@ -35,6 +35,7 @@ from lorakit.train.allocator import reuse_freed_memory
 from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
                                       save_checkpoint)
 from lorakit.train.evaluate_loss import mean_loss
+from lorakit.train.compiled import compiled_body
 from lorakit.train.components import build_extensions, build_optimizer
 from lorakit.train.extension import TrainingExtension
 from lorakit.train.loss import (SupervisedLogits, adapter_token_counts, batch_tokens, logits_loss, per_adapter_loss,
@@ -130,7 +131,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     log = MetricsLog(out / METRICS_FILE if out is not None else None)
     clip_groups = adapter_parameter_groups(model, sorted(set(row_adapters))) if row_adapters else [parameters]
     run = _Run(model, optimizer, config, total, batches, start.data, log, out, extensions, clip_groups)
-    train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
+    with compiled_body(model, config.compile):
+        train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
     for extension in extensions:
         extension.finish()
     eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer)) \
