@@ -26,6 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import peft
 import torch
 
 import lorakit
@@ -38,8 +39,6 @@ ROWS, TOKENS, PROMPT = 4, 128, 32
 
 def build_systems(root: Path) -> dict:
     """``name -> (model, adapter to activate or None)`` for every system; adapters saved under ``root``."""
-    import peft
-
     generator = torch.Generator().manual_seed(0)
     ours, _ = lorakit.load_model()
     paths = {name: random_adapter(ours, config, name, root, generator) for name, config in ADAPTERS.items()}
@@ -60,8 +59,6 @@ def build_systems(root: Path) -> dict:
 
 
 def activate(model, adapter: str | None) -> None:
-    import peft
-
     if adapter is None:
         return
     if isinstance(model, peft.PeftModel):

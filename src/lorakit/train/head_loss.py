@@ -39,11 +39,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if wants_grad else None
         rows = max(1, LOGITS_BLOCK_ELEMENTS // weight.shape[0])
-        block = None
+        block = hidden.new_empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            logits = _block_logits(hidden[part], weight, bias, block)
-            block = logits if block is None else block
+            chunk = hidden[part]
+            logits = _block_logits(chunk, weight, bias, block[:chunk.shape[0]])
             losses[part] = _softmax_in_place(logits, targets[part])
             if wants_grad:
                 logits[torch.arange(logits.shape[0], device=logits.device), targets[part]] -= 1.0
@@ -59,13 +59,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  block: torch.Tensor | None) -> torch.Tensor:
-    """``hidden W^T + b`` in fp32, written into the first rows of ``block`` when one is given (an fp32
-    head writes straight into it: a fresh 64 MiB buffer per block costs page faults, a reused one not)."""
-    if weight.dtype != torch.float32 or block is None:
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
-        return logits if block is None else block[:hidden.shape[0]].copy_(logits)
-    out = torch.mm(hidden, weight.t(), out=block[:hidden.shape[0]])
+                  out: torch.Tensor) -> torch.Tensor:
+    """``hidden W^T + b`` in fp32, written into ``out`` (one buffer reused for every block: a fresh 64 MiB
+    buffer per block would cost a page fault per page)."""
+    if weight.dtype != torch.float32:
+        return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    torch.mm(hidden, weight.t(), out=out)
     return out if bias is None else out.add_(bias)
 
 

@@ -17,6 +17,8 @@ cross-entropy run fused, a block of rows at a time (:mod:`lorakit.train.head_los
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,10 +103,7 @@ def supervised_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Supe
             inputs["adapter_per_row"] = per_row
         return SupervisedLogits(targets, rows, labels.shape[0], logits=model(**inputs).logits[:, :-1][mask])
     body, head = split
-    if per_row is not None:
-        with mixed_batch(model, per_row):
-            hidden = body(**inputs)[0]
-    else:
+    with mixed_batch(model, per_row) if per_row is not None else contextlib.nullcontext():
         hidden = body(**inputs)[0]
     return SupervisedLogits(targets, rows, labels.shape[0], hidden=hidden[:, :-1][mask], head=head)
 
