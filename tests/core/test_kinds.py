@@ -84,3 +84,15 @@ def test_dropout_applies_to_the_adapter_input_in_training_only():
             base = layer(x)
         assert not torch.allclose(first, layer(x))  # a fresh mask each call
         assert torch.equal(layer.base_layer(x), base)  # the base path never sees dropout
+
+
+def test_adapters_take_the_training_mode_of_the_model_they_join():
+    model = tiny_llama().eval()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, dropout=0.5, targets="all-linear"), "a")
+    perturb(model, "a")
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(logits(model, ids), logits(model, ids))  # no dropout in an eval-mode model
+    lorakit.attach(model.train(), LoraConfig(rank=2, dropout=0.5, targets=("q_proj",)), "b")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.adapters["b"].training and layer.adapters["a"].training

@@ -211,3 +211,11 @@ def test_an_interrupted_xlora_run_resumes_to_the_same_classifier(tmp_path, monke
           progress=False, save=lambda d: None)
     for (name, a), (_, b) in zip(straight.classifier.named_parameters(), resumed.classifier.named_parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+
+
+def test_an_x_lora_model_on_an_eval_mode_base_starts_in_eval_mode():
+    xmodel = XLoraModel(with_experts().eval(), list(EXPERTS), XLoraConfig(depth=2, dropout=0.5))
+    assert not xmodel.training and not xmodel.classifier.training
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(xmodel(ids).scalings, xmodel(ids).scalings)

@@ -23,9 +23,11 @@ def frozen_head(vocab: int = 37, width: int = 8, bias: bool = True) -> nn.Linear
 
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 37 * 3, 37], ids=["one-block", "uneven-blocks", "row-by-row"])
+@pytest.mark.parametrize("columns", [1024, 10, 1], ids=["all-columns", "uneven-columns", "column-by-column"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_losses_and_input_gradients_equal_the_plain_head_and_cross_entropy(monkeypatch, block_elements, bias):
+def test_losses_and_input_gradients_equal_the_plain_head_and_cross_entropy(monkeypatch, block_elements, columns, bias):
     monkeypatch.setattr(head_loss, "LOGITS_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(head_loss, "CPU_VOCAB_COLUMNS", columns)
     head, targets = frozen_head(bias=bias), torch.randint(0, 37, (10,))
     hidden = (torch.randn(10, 8) * 3).requires_grad_()
     upstream = torch.rand(10) + 0.5  # per-token weights: the backward must scale each token's gradient

@@ -39,16 +39,19 @@ class LoraLayer(nn.Module):
         self.merged: dict[str, float] = {}
         """Adapters folded into ``base_layer.weight``, with the weight they were folded in at."""
         self.routing = routing
+        self.train(base_layer.training)  # a layer wrapped in an eval-mode model stays in eval mode
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged}" if self.merged else ""
         return f"kind={self.kind.name}{merged}"
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
-        """Create adapter ``name`` shaped by ``config`` (after its rank/alpha patterns for ``module_name``)."""
-        self.adapters[name] = LoraAdapter(
+        """Create adapter ``name`` shaped by ``config`` (after its rank/alpha patterns for ``module_name``), in
+        this layer's training mode: its dropout acts only if the model is training."""
+        adapter = LoraAdapter(
             self.base_layer, self.kind, rank=config.rank_for(module_name), alpha=config.alpha_for(module_name),
             scale=config.scale_for(module_name), dropout=config.dropout, init=config.init, rslora=config.use_rslora)
+        self.adapters[name] = adapter.train(self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

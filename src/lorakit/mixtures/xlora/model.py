@@ -62,6 +62,7 @@ class XLoraModel(nn.Module):
                     layer.adapters[name].requires_grad_(config.trainable_experts)
         self.logged_scalings: list[torch.Tensor] | None = None
         """Set to a list to collect the scalings of every forward (detached, on the CPU)."""
+        self.train(base.training)  # on an eval-mode base the classifier's dropout stays off
 
     @property
     def generation_config(self):
