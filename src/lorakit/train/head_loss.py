@@ -21,7 +21,7 @@ LOGITS_BLOCK_ELEMENTS = 1 << 24
 
 CPU_VOCAB_COLUMNS = 1024
 """On the CPU a block's logits are computed this many vocabulary columns at a time: (341 x 1024) products
-written into the block run about 1.15x faster than one (341 x 49,152) product (MKL, measured in
+written into the block ran 1.19x faster than one (341 x 49,152) product (MKL, measured in
 ``docs/results/performance.md``); a GPU gets the one large product."""
 
 
