@@ -3,7 +3,7 @@
 Same configuration for both (all-linear, r = 16, alpha = 32, dropout 0, batch 8 x length 128, AdamW,
 fp32 on the CPU; each can be changed, see ``--help``); each library computes its loss its own way:
 peft through the model's ``labels`` loss (full logits), lorakit through its trainer's loss
-(:func:`lorakit.train.loss.supervised_outputs`, the head fused with the cross-entropy) with freed
+(:func:`lorakit.models.supervised_loss.supervised_outputs`, the head fused with the cross-entropy) with freed
 memory kept for reuse as lorakit's trainer does (``--allocator reuse-both`` gives peft the same). Data:
 ``--data random`` is random tokens, every one supervised; ``--data sft`` is chat-formatted examples of
 the built-in ``date`` task with their prompts masked (-100), as in instruction tuning.
@@ -146,7 +146,7 @@ def measure(library: str, steps: int, setting: Setting) -> dict:
     def loss_of() -> torch.Tensor:
         if library == "peft":
             return model(**batch).loss
-        from lorakit.train.loss import logits_loss, supervised_outputs, supervised_tokens
+        from lorakit.models.supervised_loss import logits_loss, supervised_outputs, supervised_tokens
         return logits_loss(supervised_outputs(model, batch)) / supervised_tokens(batch)
 
     def step() -> None:

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.data.jsonl import load_jsonl, save_jsonl
 from lorakit.data.tasks import get_task, task_names
-from lorakit.evaluation import evaluate
-from lorakit.generation import generate
+from lorakit.eval.exact_match import evaluate
+from lorakit.eval.generate import generate
 from tests.train.test_loop import copy_examples
 
 

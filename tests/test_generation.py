@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import evaluation
+from lorakit.eval import exact_match as evaluation
 from lorakit.data.encoding import encode, prompt_ids
 from lorakit.data.example import Example
-from lorakit.evaluation import evaluate
-from lorakit.generation import generate
+from lorakit.eval.exact_match import evaluate
+from lorakit.eval.generate import generate
 from tests.helpers import char_tokenizer, perturb, tiny_llama
 
 PROMPTS = ["Copy: ab", "Copy: a much longer prompt", "x"]

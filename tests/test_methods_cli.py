@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from lorakit.cli import build_parser, main
-from lorakit.cli_args import train_config
-from lorakit.comparison import compare_methods, smoothed, steps_to
+from lorakit.cli.main import build_parser, main
+from lorakit.cli.args import train_config
+from lorakit.jobs.compare import compare_methods
+from lorakit.jobs.method_runs import smoothed, steps_to
 from lorakit.data.jsonl import save_jsonl
 from lorakit.errors import ConfigError
 from tests.train.test_loop import copy_examples

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.mixtures.comparison import SYSTEMS, MixtureBudget, mixtures_table, run_mixtures_comparison
+from lorakit.jobs.mixture_study import SYSTEMS, MixtureBudget, mixtures_table, run_mixtures_comparison
 
 TINY = MixtureBudget(tasks=("date", "caps"), rank=2, expert_steps=1, mixture_steps=1, mixlora_experts=2, top_k=1,
                      test_n=2, composite_prompts=2)

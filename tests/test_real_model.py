@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.cli import main
-from lorakit.demo import run_demo
-from lorakit.generation import generate
+from lorakit.cli.main import main
+from lorakit.demos.default_demo import run_demo
+from lorakit.eval.generate import generate
 
 pytestmark = pytest.mark.real_model
 

@@ -175,7 +175,8 @@ class TrainConfig:
     full: bool = False
     """Full fine-tuning: every parameter of the model trains (a baseline for LoRA)."""
     optimizer: str = "adamw"
-    """``adamw``, ``lora-pro`` (LoRA-Pro) or ``allora`` (ALLoRA); see :mod:`lorakit.train.components`."""
+    """``adamw``, ``lora-pro`` (LoRA-Pro) or ``allora`` (ALLoRA); the trainer checks the name
+    (:mod:`lorakit.train.components`)."""
     method: str = "lora"
     """``lora``, ``dylora`` (nested ranks) or ``codyra`` (gated ranks, pruned at the end)."""
     regularizer: str | None = None
@@ -209,8 +210,6 @@ class TrainConfig:
                  "a positive number or None")
         _require(self.warmup_steps is None or (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0),
                  "warmup_steps", self.warmup_steps, "a non-negative integer or None")
-        from lorakit.train.components import check_components
-        check_components(self)
 
     def total_steps(self, n_examples: int) -> int:
         """The number of optimizer steps for ``n_examples`` training examples."""

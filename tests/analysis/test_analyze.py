@@ -14,7 +14,7 @@ from lorakit.analysis import IntruderSettings, analyze, load_report, mitigate_in
 from lorakit.analysis.report_files import REPORT_FILES
 from lorakit.analysis.schema import check_report
 from lorakit.analysis.subjects import base_weight
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.io.factors import read_adapter_factors
 from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
 

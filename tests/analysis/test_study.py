@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.analysis.study import IntruderStudy, StudyRun, run_intruder_study, study_table
+from lorakit.jobs.intruder_study import IntruderStudy, StudyRun, run_intruder_study, study_table
 
 TINY = IntruderStudy(task="date", steps=2, runs=(StudyRun("full", 1e-3), StudyRun("lora-r2", 1e-2, 2),
                                                  StudyRun("rslora-r4", 1e-2, 4, rslora=True)),

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import ConfigError, FormatError, LoraConfig
-from lorakit.cli import main
-from lorakit.cli_combine import adapter_argument
+from lorakit.cli.main import main
+from lorakit.cli.combine_commands import adapter_argument
 from lorakit.combine import combine_adapters
 from lorakit.core.state import lora_layers
 from tests.helpers import TinyConvNet, logits, perturb, tiny_llama, token_batch

@@ -15,9 +15,9 @@ from lorakit import LoraConfig
 from lorakit.core.state import lora_layers
 from lorakit.errors import AdapterError, ConfigError, FormatError, TargetError
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
-from lorakit.init.eva_estimate import TENSORS_FILE, EvaEstimate, EvaModule
-from lorakit.init.eva_ranks import redistribute
-from lorakit.init.incremental_pca import IncrementalPCA, sign_of_largest
+from lorakit.init.eva.estimate import TENSORS_FILE, EvaEstimate, EvaModule
+from lorakit.init.eva.ranks import redistribute
+from lorakit.init.eva.incremental_pca import IncrementalPCA, sign_of_largest
 from tests.helpers import logits, tiny_llama, token_batch
 
 CONFIG = LoraConfig(rank=4, alpha=8)

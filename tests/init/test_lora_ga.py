@@ -17,9 +17,9 @@ from lorakit.data.encoding import encode
 from lorakit.data.example import Example
 from lorakit.init.lora_ga import (GradientEstimate, LoraGaInit, estimate_gradients, init_lora_ga, offset_base,
                                   restore_base, save_lora_ga_adapter)
-from lorakit.init.lora_ga_factors import lora_ga_factors
+from lorakit.init.lora_ga.svd_factors import lora_ga_factors
 from lorakit.io.files import save_tensors
-from lorakit.train.loss import summed_loss, supervised_tokens
+from lorakit.models.supervised_loss import summed_loss, supervised_tokens
 from tests.helpers import char_tokenizer, logits, tiny_gpt2, tiny_llama, token_batch
 
 ATTENTION = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.config import TrainConfig
 from lorakit.data.jsonl import save_jsonl
-from lorakit.init.prepare import prepare_adapter
+from lorakit.train.prepare import prepare_adapter
 from lorakit.io.peft_config import from_peft_dict
 from lorakit.train import train
 from tests.helpers import char_tokenizer, logits, run_interrupted, tiny_llama, token_batch

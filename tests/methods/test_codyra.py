@@ -11,7 +11,7 @@ from lorakit.config import TrainConfig
 from lorakit.data.example import Example
 from lorakit.methods.codyra import (CodyraSchedule, active_ranks, add_gates, prune_gates, soft_threshold_,
                                     threshold_at)
-from lorakit.methods.continual import ContinualResult, train_continual
+from lorakit.jobs.continual import ContinualResult, train_continual
 from lorakit.train import train
 from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
 from tests.train.test_loop import copy_examples

@@ -8,7 +8,8 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
-from lorakit.methods.dylora import (DyLoraSampler, at_rank, evaluate_ranks, max_rank, sample_rank, set_nested_rank,
+from lorakit.eval.rank_sweep import evaluate_ranks
+from lorakit.methods.dylora import (DyLoraSampler, at_rank, max_rank, sample_rank, set_nested_rank,
                                     truncate_adapter)
 from lorakit.train import train
 from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
@@ -140,5 +141,5 @@ def test_evaluating_every_rank_gives_one_result_per_rank():
     losses = {rank: result.loss for rank, result in results.items()}
     assert len(set(losses.values())) == 4  # each rank is a different model
     with at_rank(model, 2):
-        assert lorakit.evaluation.evaluate(model, char_tokenizer(), examples, max_new_tokens=4).loss == \
+        assert lorakit.eval.exact_match.evaluate(model, char_tokenizer(), examples, max_new_tokens=4).loss == \
             pytest.approx(losses[2])

@@ -80,7 +80,7 @@ def test_the_task_loss_falls_as_the_gates_learn_the_tasks(tmp_path):
 
 def test_cli_trains_and_evaluates_meteora_over_saved_task_adapters(base_dir, tmp_path, capsys):
     import json
-    from lorakit.cli import main
+    from lorakit.cli.main import main
     from lorakit.data.jsonl import save_jsonl
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base_dir)

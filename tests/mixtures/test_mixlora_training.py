@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.config import TrainConfig
 from lorakit.data.jsonl import save_jsonl
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora, load_mixlora, mixlora_layers

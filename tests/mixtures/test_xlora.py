@@ -10,7 +10,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
-from lorakit.generation import generate
+from lorakit.eval.generate import generate
 from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
 from lorakit.mixtures.xlora.storage import load_xlora, save_xlora

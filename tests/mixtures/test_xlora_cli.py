@@ -7,7 +7,7 @@ import json
 import pytest
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.data.jsonl import save_jsonl
 from lorakit.mixtures.xlora.storage import load_xlora
 from tests.helpers import char_tokenizer, perturb, tiny_llama

@@ -12,7 +12,7 @@ from lorakit import LoraConfig
 from lorakit.config import TrainConfig
 from lorakit.train import loop
 from lorakit.train.compiled import compiled_body
-from lorakit.train.loss import logits_loss, supervised_outputs
+from lorakit.models.supervised_loss import logits_loss, supervised_outputs
 from tests.helpers import char_tokenizer, tiny_llama
 from tests.train.test_loop import adapter_model, copy_examples
 from tests.train.test_supervised_logits import labelled_batch

@@ -16,8 +16,8 @@ from lorakit.regularizers.ba_lora import ba_lora_terms
 from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
 from lorakit.train import train
 from lorakit.train.combinations import check_combination, prepared_lora, scale_free
-from lorakit.train.components import METHODS, OPTIMIZERS, REGULARIZERS, build_extensions, build_optimizer
-from lorakit.train.loss import supervised_outputs
+from lorakit.train.components import check_components, METHODS, OPTIMIZERS, REGULARIZERS, build_extensions, build_optimizer
+from lorakit.models.supervised_loss import supervised_outputs
 from tests.helpers import char_tokenizer, run_interrupted, tiny_llama
 from tests.train.test_loop import copy_examples
 
@@ -33,13 +33,13 @@ def attached(seed: int = 0):
 
 def test_unknown_names_and_options_are_refused_with_the_known_ones():
     with pytest.raises(lorakit.ConfigError, match="optimizer='sgd' is invalid: one of adamw, lora-pro, allora"):
-        TrainConfig(optimizer="sgd")
+        check_components(TrainConfig(optimizer="sgd"))
     with pytest.raises(lorakit.ConfigError, match="method='adalora' is invalid"):
-        TrainConfig(method="adalora")
+        check_components(TrainConfig(method="adalora"))
     with pytest.raises(lorakit.ConfigError, match="regularizer='l2' is invalid: one of ba-lora"):
-        TrainConfig(regularizer="l2")
+        check_components(TrainConfig(regularizer="l2"))
     with pytest.raises(lorakit.ConfigError, match="'allora_eta' is not read .* they read: dylora_frozen"):
-        TrainConfig(method="dylora", options={"allora_eta": 2.0})
+        check_components(TrainConfig(method="dylora", options={"allora_eta": 2.0}))
     assert TrainConfig(optimizer="allora", options={"allora_eta": 2.0}).options == {"allora_eta": 2.0}
 
 

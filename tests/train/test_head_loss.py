@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.train import head_loss
-from lorakit.train.head_loss import fusable_head, head_token_losses
-from lorakit.train.loss import logits_loss, supervised_outputs
+from lorakit.models import head_loss
+from lorakit.models.head_loss import fusable_head, head_token_losses
+from lorakit.models.supervised_loss import logits_loss, supervised_outputs
 from tests.train.test_supervised_logits import adapted, labelled_batch, reference
 from tests.helpers import tiny_llama
 

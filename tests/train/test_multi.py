@@ -10,14 +10,14 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.config import TrainConfig
 from lorakit.data.batching import collate
 from lorakit.data.encoding import encode
 from lorakit.data.example import Example
 from lorakit.data.jsonl import save_jsonl
 from lorakit.train import train
-from lorakit.train.loss import (adapter_token_counts, logits_loss, per_adapter_loss, supervised_outputs,
+from lorakit.models.supervised_loss import (adapter_token_counts, logits_loss, per_adapter_loss, supervised_outputs,
                                 supervised_tokens)
 from lorakit.train.multi import train_adapters
 from tests.helpers import char_tokenizer, tiny_llama

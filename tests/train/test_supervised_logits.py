@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import lorakit
 from lorakit import LoraConfig
 from lorakit.data.encoding import IGNORE_INDEX
-from lorakit.train.loss import _body_and_head, logits_loss, row_losses, supervised_outputs
+from lorakit.models.supervised_loss import _body_and_head, logits_loss, row_losses, supervised_outputs
 from tests.helpers import perturb, tiny_gpt2, tiny_llama, token_batch
 
 

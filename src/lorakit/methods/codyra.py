@@ -8,7 +8,7 @@ a proximal (soft-threshold) step ``w <- sign(w) max(|w| - lambda, 0)``, the prox
 L1 penalty, with ``lambda`` rising stepwise from 0 to ``max_kappa`` over ``stages`` stages of the
 sparse phase. At the end the zero-gated components are dropped and ``w`` is folded into ``A``
 (:func:`prune_gates`): a plain LoRA adapter with rank ``|w|_0`` per module, saved in PEFT format with
-exact rank and alpha patterns. :mod:`lorakit.methods.continual` merges it and starts the next task.
+exact rank and alpha patterns. :mod:`lorakit.jobs.continual` merges it and starts the next task.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.core.state import lora_layers, model_state
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.train.extension import TrainingExtension
+from lorakit.methods.component import TrainingExtension
 
 
 def _gated(model: nn.Module, name: str):

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,10 +24,8 @@ from lorakit.core.state import lora_layers
 from lorakit.errors import AdapterError, ConfigError, StateError
 from lorakit.io.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from lorakit.io.files import json_writer, tensor_writer, write_all_atomically
-from lorakit.train.extension import TrainingExtension
+from lorakit.methods.component import TrainingExtension
 
-if TYPE_CHECKING:
-    from lorakit.evaluation import EvalResult
 
 
 def _adapters(model: nn.Module, name: str):
@@ -102,16 +99,3 @@ def truncate_adapter(path: str | Path, rank: int, out: str | Path) -> Path:
     write_all_atomically({directory / WEIGHTS_FILE: tensor_writer({k: v.contiguous() for k, v in truncated.items()}),
                           directory / CONFIG_FILE: json_writer(raw)})
     return directory
-
-
-def evaluate_ranks(model: nn.Module, tokenizer, examples, ranks=None, *, name: str = "default",
-                   **options) -> dict[int, EvalResult]:
-    """Evaluate adapter ``name`` at each rank of ``ranks`` (default: every rank ``1..r``) from one trained
-    adapter, without retraining; ``options`` go to :func:`lorakit.evaluation.evaluate`."""
-    from lorakit.evaluation import evaluate
-    chosen = list(ranks) if ranks is not None else list(range(1, max_rank(model, name) + 1))
-    results = {}
-    for rank in chosen:
-        with at_rank(model, rank, name):
-            results[rank] = evaluate(model, tokenizer, examples, **options)
-    return results

@@ -16,8 +16,8 @@ from torch import nn
 from lorakit.core.activation import disabled
 from lorakit.core.modes import eval_mode
 from lorakit.regularizers.ba_lora import BaLoraWeights, ba_lora_terms
-from lorakit.train.extension import TrainingExtension
-from lorakit.train.loss import SupervisedLogits, supervised_outputs
+from lorakit.methods.component import TrainingExtension
+from lorakit.models.supervised_loss import SupervisedLogits, supervised_outputs
 
 
 class BaLoraRegularizer(TrainingExtension):

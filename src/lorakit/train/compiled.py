@@ -2,7 +2,7 @@
 
 Only the body's ``forward`` is compiled (inductor fuses the normalisations, activations, rotary
 embeddings and the adapters' small products around the GEMMs); the output head and the fused
-cross-entropy (:mod:`lorakit.train.head_loss`) stay eager. lorakit's routing is read inside the
+cross-entropy (:mod:`lorakit.models.head_loss`) stay eager. lorakit's routing is read inside the
 compiled code, and a change of it (another adapter, a mixed batch) recompiles instead of running
 stale code. On the default model and a 2-core CPU the compiled step reached the same share of the
 matmul peak as eager (70% vs 69%) with 17% less peak memory, after about three minutes of compilation

@@ -18,7 +18,7 @@ from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
     from lorakit.config import TrainConfig
-    from lorakit.train.extension import TrainingExtension
+    from lorakit.methods.component import TrainingExtension
 
 
 @dataclass(frozen=True)

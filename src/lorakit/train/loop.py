@@ -34,11 +34,11 @@ from lorakit.errors import ConfigError, TrainingError
 from lorakit.train.allocator import reuse_freed_memory
 from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
                                       save_checkpoint)
-from lorakit.train.evaluate_loss import mean_loss
+from lorakit.eval.loss import mean_loss
 from lorakit.train.compiled import compiled_body
-from lorakit.train.components import build_extensions, build_optimizer
-from lorakit.train.extension import TrainingExtension
-from lorakit.train.loss import (SupervisedLogits, adapter_token_counts, batch_tokens, logits_loss, per_adapter_loss,
+from lorakit.train.components import build_extensions, build_optimizer, check_components
+from lorakit.methods.component import TrainingExtension
+from lorakit.models.supervised_loss import (SupervisedLogits, adapter_token_counts, batch_tokens, logits_loss, per_adapter_loss,
                                 supervised_outputs, supervised_tokens)
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
@@ -108,6 +108,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     its adapters disabled). ``row_adapters`` names each example's adapter to train several adapters
     in one batch (:func:`lorakit.train.multi.train_adapters`). ``extensions`` are loop hooks beyond
     those ``config`` names (e.g. a mixture's own loss term, such as MeteoRA's task loss)."""
+    check_components(config)
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     _prepare_run_dir(out, resume_path, overwrite)

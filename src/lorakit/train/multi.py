@@ -2,7 +2,7 @@
 to different adapters.
 
 Each row runs with its own adapter (the stacked per-row path, :mod:`lorakit.core.per_row`), each
-adapter's loss is its own rows' mean over the step (:func:`lorakit.train.loss.per_adapter_loss`), and
+adapter's loss is its own rows' mean over the step (:func:`lorakit.models.supervised_loss.per_adapter_loss`), and
 each adapter's gradient is clipped on its own. So every adapter receives exactly the gradient, and
 (AdamW being per-parameter) the update, it would get if trained alone on its rows of the same
 batches; the base's forward and backward are shared.

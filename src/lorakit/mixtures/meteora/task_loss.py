@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, DataError, StateError
 from lorakit.mixtures.meteora.model import MeteoraModel
-from lorakit.train.extension import TrainingExtension
+from lorakit.methods.component import TrainingExtension
 
 IGNORE = -100
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError, StateError
 from lorakit.mixtures.mixlora.attach import mixlora_layers
-from lorakit.train.extension import TrainingExtension
+from lorakit.methods.component import TrainingExtension
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
