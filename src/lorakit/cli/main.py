@@ -61,7 +61,7 @@ def _named_datasets(values: list[str]) -> dict[str, str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import evaluate_adapter
+    from lorakit.jobs.evaluate import evaluate_adapter
     result = evaluate_adapter(args.data, base=args.base, adapter=args.adapter, split=args.split,
                               n=example_count(args.data, args.n, TASK_EVAL_N),
                               batch_size=args.batch_size, progress=not args.json)
@@ -74,7 +74,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import complete
+    from lorakit.jobs.generate import complete
     outputs = complete(args.prompt, base=args.base, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     for output in outputs:
@@ -82,17 +82,17 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import merge_into_model
+    from lorakit.jobs.merge import merge_into_model
     print(merge_into_model(args.adapter, args.out, base=args.base))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import inspect_adapter
+    from lorakit.jobs.inspect import inspect_adapter
     print(json.dumps(inspect_adapter(args.adapter), indent=2))
 
 
 def _cmd_targets(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import list_targets
+    from lorakit.jobs.inspect import list_targets
     plans = list_targets(lora_config(args), base=args.base)
     for p in plans:
         print(f"{p.name}\t{p.layer_type}{list(p.weight_shape)}\trank={p.rank}\talpha={p.alpha:g}\tscale={p.scale:g}")

@@ -46,7 +46,7 @@ def _cmd_dylora(args: argparse.Namespace) -> None:
 
 
 def _cmd_continual(args: argparse.Namespace) -> None:
-    from lorakit.jobs.finetune import continual_finetune
+    from lorakit.jobs.continual import continual_finetune
     result = continual_finetune(args.tasks.split(","), args.out, base=args.base, lora=lora_config(args),
                                 config=train_config(args), n=args.n, eval_n=args.eval_n, progress=not args.quiet)
     print(json.dumps(result.to_dict()))

@@ -15,15 +15,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.core.merge import merge_and_unload
 from lorakit.data.example import Example
+from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
 from lorakit.eval.exact_match import evaluate
+from lorakit.io.files import save_json
+from lorakit.jobs.finetune import check_fresh
 from lorakit.methods.codyra import active_ranks
+from lorakit.models import DEFAULT_MODEL, load_model
 from lorakit.train.combinations import prepared_lora
 from lorakit.train.loop import train
 
@@ -68,4 +73,21 @@ def train_continual(model: nn.Module, tokenizer, tasks: Sequence[tuple[str, Sequ
         merge_and_unload(model)
         result.accuracy.append([evaluate(model, tokenizer, eval_sets[task], batch_size=eval_batch_size).exact_match
                                 for task in names])
+    return result
+
+
+def continual_finetune(tasks: list[str], out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
+                       config: TrainConfig = TrainConfig(), n: int | None = None, eval_n: int = 50,
+                       progress: bool = True) -> ContinualResult:
+    """Train built-in ``tasks`` in order (:func:`lorakit.jobs.continual.train_continual`), score each
+    task's held-out split after each, and write ``out/continual.json``."""
+    out = Path(out)
+    check_fresh(out, overwrite=False)
+    model, tokenizer = load_model(base)
+    torch.manual_seed(config.seed)
+    sequence = [(task, load_examples(f"task:{task}", split="train", n=n)) for task in tasks]
+    eval_sets = {task: load_examples(f"task:{task}", split="test", n=eval_n) for task in tasks}
+    result = train_continual(model, tokenizer, sequence, lora, config, eval_sets=eval_sets, out_dir=out,
+                             progress=progress)
+    save_json(out / "continual.json", result.to_dict())
     return result

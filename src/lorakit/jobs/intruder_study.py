@@ -85,7 +85,7 @@ def _analysis(path: Path, out: Path, base_model, study: IntruderStudy) -> dict:
 
 
 def _load(base: str, path: Path | None):
-    from lorakit.jobs.finetune import model_with_adapter
+    from lorakit.jobs.evaluate import model_with_adapter
     if path is not None and (path / "config.json").is_file():  # a full fine-tune
         return load_model(path)
     return model_with_adapter(base, path)

@@ -1,4 +1,4 @@
-"""``lorakit compare``: the training methods side by side on one task, with one budget.
+"""One method of ``lorakit compare``: its preset flags, its own `lorakit train` process, its numbers.
 
 Every method trains in its own ``lorakit train`` process (same data, steps, rank, learning rate and
 seed; only the method's own flags differ), so each peak memory is that process's own (``ru_maxrss``
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.io.files import save_json
@@ -122,7 +121,7 @@ def _finished(run_dir: Path, command: str, target_loss: float) -> MethodResult:
 def compare_method(method: str, data: str, out: Path, *, train_flags: Sequence[str], eval_n: int,
                    target_loss: float, base: str) -> MethodResult:
     """Train and score one method in ``out/<method>`` (or read the result a finished run left there)."""
-    from lorakit.jobs.finetune import evaluate_adapter
+    from lorakit.jobs.evaluate import evaluate_adapter
     run_dir = out / method
     command = _train_command(method, data, run_dir, ["--base", base, *train_flags])
     shown = shlex.join(["lorakit", *command[3:]])

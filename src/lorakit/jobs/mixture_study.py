@@ -114,7 +114,7 @@ def _loaders(out: Path, base: str) -> dict[str, Callable[[str], tuple]]:
     """For each system: task -> (model, tokenizer). Only the experts' model depends on the task."""
     from lorakit.jobs.meteora_mixture import load_meteora_model
     from lorakit.jobs.xlora_mixture import load_xlora_model
-    from lorakit.jobs.finetune import model_with_adapter
+    from lorakit.jobs.evaluate import model_with_adapter
     return {
         "experts": lambda task: model_with_adapter(base, out / "experts" / task),
         "lora-all": lambda task: model_with_adapter(base, out / "lora-all"),
