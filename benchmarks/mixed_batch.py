@@ -2,18 +2,22 @@
 
 Default model (SmolLM2-135M-Instruct, fp32, CPU), 32 random non-zero adapters (r = 8, alpha = 16,
 targets q_proj, k_proj, v_proj; timing needs no training), a batch of 32 rows of ``--tokens`` tokens.
-The rows are spread round-robin over 1, 4, 16 and 32 distinct adapters. Measured, as medians over
-``--repeats`` round-robin repeats:
+The rows are spread round-robin over 1, 4, 16 and 32 distinct adapters. Measured ``--repeats``
+times, round-robin over the systems, under ``torch.no_grad``:
 
-* ``forward``: one full forward of the batch (prefill), under ``torch.no_grad``;
+* ``forward``: one full forward of the batch (prefill);
 * ``per_token``: one more greedy token for all 32 rows with the KV cache,
   ``(t(generate 1 + --new-tokens) - t(generate 1)) / --new-tokens``.
 
-Ratios are to the base model's own forward / token in the same run, and to the same system with one
-adapter for every row. Prints one JSON line per measurement and a final summary line; results in
-``docs/results/mixed_batch.md``.
+The base is the plain model: a second copy of the same weights loaded without lorakit's wrappers or
+PEFT's, not a wrapped model with its adapters disabled. Each measurement of a system is paired with
+one of the base right before it, and ``*_vs_base`` is the median of the ``--repeats`` paired ratios
+(at least 5 for a reported number): this shared machine's load drifts by tens of percent within
+minutes, and a pair shares it. ``*_vs_one_adapter`` divides a system's ratio by that of the same
+library with one adapter for every row. Prints one JSON line per measurement and a final summary
+line; results in ``docs/results/mixed_batch.md``.
 
-    .venv/bin/python benchmarks/mixed_batch.py [--repeats 3] [--tokens 64] [--new-tokens 4]
+    .venv/bin/python benchmarks/mixed_batch.py [--repeats 5] [--tokens 64] [--new-tokens 4]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,8 +57,8 @@ def rows_for(distinct: int) -> list[str]:
     return [f"a{row % distinct}" for row in range(ROWS)]
 
 
-def systems(lorakit_model, peft, ids, mask, new_tokens: int) -> dict:
-    """``name -> (forward(), generate(n))`` for the base and each (system, distinct adapters)."""
+def systems(plain, lorakit_model, peft, ids, mask) -> dict:
+    """``name -> (forward(), generate(n))`` for the plain base model and each (system, distinct adapters)."""
     hf = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
 
     def lorakit_calls(names):
@@ -70,17 +75,8 @@ def systems(lorakit_model, peft, ids, mask, new_tokens: int) -> dict:
                 lambda n: peft.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, adapter_names=names,
                                         **hf))
 
-    def base_calls():
-        def forward():
-            with lorakit.disabled(lorakit_model):
-                return lorakit_model(ids, attention_mask=mask)
-
-        def generate(n):
-            with lorakit.disabled(lorakit_model):
-                return lorakit_model.generate(ids, max_new_tokens=n, min_new_tokens=n, **hf)
-        return forward, generate
-
-    calls = {"base": base_calls()}
+    calls = {"base": (lambda: plain(ids, attention_mask=mask),
+                      lambda n: plain.generate(ids, max_new_tokens=n, min_new_tokens=n, **hf))}
     for distinct in DISTINCT:
         calls[f"lorakit_{distinct}"] = lorakit_calls(rows_for(distinct))
         calls[f"peft_{distinct}"] = peft_calls(rows_for(distinct))
@@ -88,24 +84,41 @@ def systems(lorakit_model, peft, ids, mask, new_tokens: int) -> dict:
 
 
 def measure(calls: dict, repeats: int, new_tokens: int) -> dict[str, dict[str, float]]:
-    times = {name: {"forward": [], "generate_1": [], "generate_n": []} for name in calls}
+    """Each system's forward, ``generate(1)`` and ``generate(1 + new_tokens)`` timed right after the same
+    call of the base model, ``repeats`` times; the medians of the times and of the paired ratios."""
+    lengths = {"generate_1": 1, "generate_n": 1 + new_tokens}
+    times = {name: {key: [] for key in ("forward", *lengths)} for name in calls}
+    base_times = {name: {key: [] for key in ("forward", *lengths)} for name in calls}
+
+    def pair(name: str, key: str, fn, base_fn, repeat: int) -> None:
+        base, seconds = timed(base_fn), timed(fn)
+        times[name][key].append(seconds)
+        base_times[name][key].append(base)
+        emit({"measurement": key, "system": name, "repeat": repeat, "seconds": round(seconds, 4),
+              "base_seconds": round(base, 4)})
+
+    base_forward, base_generate = calls["base"]
     with torch.no_grad():
         for forward, generate in calls.values():  # warm-up
             forward()
             generate(1)
         for repeat in range(repeats):
             for name, (forward, generate) in calls.items():
-                for key, fn in (("forward", forward), ("generate_1", lambda: generate(1)),
-                                ("generate_n", lambda: generate(1 + new_tokens))):
-                    seconds = timed(fn)
-                    times[name][key].append(seconds)
-                    emit({"measurement": key, "system": name, "repeat": repeat, "seconds": round(seconds, 4)})
-    results = {}
-    for name, series in times.items():
-        forward = statistics.median(series["forward"])
-        per_token = (statistics.median(series["generate_n"]) - statistics.median(series["generate_1"])) / new_tokens
-        results[name] = {"forward_s": forward, "per_token_s": per_token}
-    return results
+                pair(name, "forward", forward, base_forward, repeat)
+                for key, n in lengths.items():
+                    pair(name, key, partial(generate, n), partial(base_generate, n), repeat)
+
+    def per_token(series: dict[str, list[float]]) -> list[float]:
+        return [(n - one) / new_tokens for one, n in zip(series["generate_1"], series["generate_n"], strict=True)]
+
+    def paired(ours: list[float], base: list[float]) -> float:
+        return statistics.median(o / b for o, b in zip(ours, base, strict=True))
+
+    return {name: {"forward_s": statistics.median(series["forward"]),
+                   "per_token_s": statistics.median(per_token(series)),
+                   "forward_vs_base": paired(series["forward"], base_times[name]["forward"]),
+                   "per_token_vs_base": paired(per_token(series), per_token(base_times[name]))}
+            for name, series in times.items()}
 
 
 def check_rows(lorakit_model, peft, ids, mask) -> float:
@@ -117,32 +130,41 @@ def check_rows(lorakit_model, peft, ids, mask) -> float:
     return float((ours - theirs).abs().max())
 
 
+def check_base(lorakit_model, plain, ids, mask) -> float:
+    """The largest logit difference between the plain base model and lorakit's with its adapters disabled
+    (zero: the base the ratios divide by is the same model, only unwrapped)."""
+    with torch.no_grad(), lorakit.disabled(lorakit_model):
+        return float((lorakit_model(ids, attention_mask=mask).logits - plain(ids, attention_mask=mask).logits)
+                     .abs().max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="paired measurements per system (the medians reported need at least 5)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per row of the batch")
+    parser.add_argument("--new-tokens", type=int, default=4, help="greedy tokens timed per row for per_token")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = lorakit.load_model()
-    model.eval()
+    model, _ = lorakit.load_model()
+    plain, _ = lorakit.load_model()  # the base: the same weights, never wrapped
     with tempfile.TemporaryDirectory() as root:
         paths = random_adapters(model, Path(root))
         peft = peft_model(paths)
     ids = torch.randint(100, 20000, (ROWS, args.tokens), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    emit({"measurement": "check", "max_abs_logit_difference_lorakit_vs_peft": check_rows(model, peft, ids, mask)})
-    results = measure(systems(model, peft, ids, mask, args.new_tokens), args.repeats, args.new_tokens)
-    base = results["base"]
+    emit({"measurement": "check", "max_abs_logit_difference_lorakit_vs_peft": check_rows(model, peft, ids, mask),
+          "max_abs_logit_difference_disabled_vs_plain_base": check_base(model, plain, ids, mask)})
+    results = measure(systems(plain, model, peft, ids, mask), args.repeats, args.new_tokens)
     summary = {"threads": torch.get_num_threads(), "rows": ROWS, "tokens": args.tokens, "rank": RANK,
-               "targets": list(TARGETS)}
+               "targets": list(TARGETS), "pairs": args.repeats}
     for name, result in results.items():
         system = name.split("_")[0]
         one = results.get(f"{system}_1", result)
-        record = {"forward_vs_base": result["forward_s"] / base["forward_s"],
-                  "per_token_vs_base": result["per_token_s"] / base["per_token_s"],
-                  "forward_vs_one_adapter": result["forward_s"] / one["forward_s"],
-                  "per_token_vs_one_adapter": result["per_token_s"] / one["per_token_s"], **result}
+        record = {"forward_vs_base": result["forward_vs_base"], "per_token_vs_base": result["per_token_vs_base"],
+                  "forward_vs_one_adapter": result["forward_vs_base"] / one["forward_vs_base"],
+                  "per_token_vs_one_adapter": result["per_token_vs_base"] / one["per_token_vs_base"],
+                  "forward_s": result["forward_s"], "per_token_s": result["per_token_s"]}
         summary[name] = {k: round(v, 4) for k, v in record.items()}
         emit({"measurement": "summary_row", "system": name, **summary[name]})
     emit({"measurement": "summary", **summary})

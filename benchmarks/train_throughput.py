@@ -127,14 +127,20 @@ def adapted(library: str, model, setting: Setting):
 
 
 def measure(library: str, steps: int, setting: Setting) -> dict:
-    """Train ``steps`` steps (after 2 warm-up steps) with ``library``; tokens/s and peak RSS."""
+    """Train ``steps`` steps (after 2 warm-up steps) with ``library``; tokens/s and peak RSS. Freed memory is
+    kept for reuse as lorakit's trainer keeps it (``lorakit train``'s default) for lorakit, and for peft too
+    with ``--allocator reuse-both``."""
+    from lorakit.train.allocator import freed_memory_kept
+
+    with freed_memory_kept(library == "lorakit" or setting.allocator == "reuse-both"):
+        return _measure(library, steps, setting)
+
+
+def _measure(library: str, steps: int, setting: Setting) -> dict:
     import torch
 
     from lorakit.models import load_model
 
-    if library == "lorakit" or setting.allocator == "reuse-both":
-        from lorakit.train.allocator import reuse_freed_memory
-        reuse_freed_memory()
     model, tokenizer = load_model()
     batch = batch_of(setting, tokenizer)
     flops_per_token = training_flops_per_token(model, int(batch["attention_mask"].sum(dim=1).float().mean()))

@@ -14,7 +14,7 @@ from lorakit.data.jsonl import load_jsonl, save_jsonl
 from lorakit.data.tasks import get_task, task_names
 from lorakit.eval.exact_match import evaluate
 from lorakit.eval.generate import generate
-from tests.train.test_loop import copy_examples
+from tests.helpers import copy_examples
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
+from lorakit.cli.common import TRAIN
 from lorakit.cli.main import build_parser, main
-from lorakit.cli.args import train_config
-from lorakit.jobs.compare import compare_methods
-from lorakit.jobs.method_runs import smoothed, steps_to
 from lorakit.data.jsonl import save_jsonl
 from lorakit.errors import ConfigError
-from tests.train.test_loop import copy_examples
+from lorakit.jobs.compare import compare_methods
+from lorakit.jobs.method_runs import smoothed, steps_to
+from tests.helpers import copy_examples
 
 TRAIN_FLAGS = ["--steps", "3", "--batch-size", "4", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj",
                "--lr", "0.01"]
@@ -29,11 +29,11 @@ def data(tmp_path_factory):
 def test_method_flags_and_options_reach_the_train_config():
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--optimizer", "allora",
                                       "--option", "allora_eta=2", "--option", "allora_scale=gradient"])
-    config = train_config(args)
+    config = TRAIN.build(args)
     assert config.optimizer == "allora" and config.options == {"allora_eta": 2, "allora_scale": "gradient"}
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--method", "dylora",
                                       "--option", "dylora_frozen=true", "--regularizer", "ba-lora"])
-    assert train_config(args).options == {"dylora_frozen": True} and train_config(args).regularizer == "ba-lora"
+    assert TRAIN.build(args).options == {"dylora_frozen": True} and TRAIN.build(args).regularizer == "ba-lora"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--option", "no-equals-sign"])
 

@@ -3,9 +3,17 @@ scored, finished stages reused."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from safetensors.torch import load_file
+
+from lorakit.data.tasks import get_task
+from lorakit.eval.composite import composite_examples, evaluate_composite
+from lorakit.eval.exact_match import evaluate
+from lorakit.jobs.evaluate import model_with_adapter
 from lorakit.jobs.mixture_study import SYSTEMS, MixtureBudget, mixtures_table, run_mixtures_comparison
+from lorakit.jobs.xlora_mixture import load_xlora_model
 
 TINY = MixtureBudget(tasks=("date", "caps"), rank=2, expert_steps=1, mixture_steps=1, mixlora_experts=2, top_k=1,
                      test_n=2, composite_prompts=2)
@@ -19,6 +27,12 @@ def comparison(base_dir, tmp_path_factory):
 
 def _by_name(results):
     return {s["system"]: s for s in results["systems"]}
+
+
+def _saved_parameters(*directories):
+    """The number of values in the adapters saved in ``directories``."""
+    return sum(tensor.numel() for directory in directories
+               for tensor in load_file(directory / "adapter_model.safetensors").values())
 
 
 def test_the_systems_share_one_step_budget_and_the_single_lora_has_the_experts_parameters(comparison):
@@ -38,7 +52,6 @@ def test_every_system_is_scored_per_task_and_all_but_the_oracle_on_composite_pro
     _, results = comparison
     for system in results["systems"]:
         assert set(system["exact_match"]) == set(TINY.tasks)
-        assert all(0.0 <= value <= 1.0 for value in system["exact_match"].values())
         if system["system"] == "experts":
             assert "composite" not in system
         else:
@@ -67,3 +80,34 @@ def test_the_table_has_a_column_per_system_and_a_row_per_task(comparison):
     assert "| held-out `caps` |" in table and "| composite: `date` answers |" in table
     experts_composite = [line for line in table.splitlines() if line.startswith("| composite: all answers")][0]
     assert experts_composite.split("|")[2].strip() == "–"
+
+
+def test_the_parameter_counts_are_those_of_the_saved_adapters(comparison):
+    out, results = comparison
+    systems = _by_name(results)
+    assert systems["experts"]["trainable_parameters"] == _saved_parameters(*(out / "experts" / t for t in TINY.tasks))
+    assert systems["lora-all"]["trainable_parameters"] == _saved_parameters(out / "lora-all")
+
+
+def test_each_systems_scores_are_those_its_own_saved_model_gets(comparison, base_dir):
+    out, results = comparison
+    systems = _by_name(results)
+    composites = composite_examples(TINY.tasks, per_prompt=len(TINY.tasks), count=TINY.composite_prompts)
+    loaders = {"lora-all": lambda: model_with_adapter(str(base_dir), out / "lora-all"),
+               "x-lora": lambda: load_xlora_model(out / "x-lora", base=str(base_dir))}
+    for name, load in loaders.items():
+        model, tokenizer = load()
+        model.eval()
+        for task in TINY.tasks:
+            scored = evaluate(model, tokenizer, get_task(task).examples("test", TINY.test_n), progress=False)
+            assert systems[name]["exact_match"][task] == scored.exact_match, (name, task)
+        predictions = evaluate_composite(model, tokenizer, composites, max_new_tokens=96).predictions
+        assert systems[name]["composite"]["examples"] == predictions[:3], name
+
+
+def test_the_files_written_hold_the_returned_results(comparison):
+    out, results = comparison
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))  # tuples as lists
+    for name in SYSTEMS:
+        scores = json.loads((out / "scores" / name / "stage.json").read_text())
+        assert scores["exact_match"] == _by_name(results)[name]["exact_match"]

@@ -5,6 +5,7 @@
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32))
     ...                                   # train: lorakit.trainable_parameters(model)
     lorakit.save_adapter(model, "out/")   # PEFT format: loads in peft, vLLM, LoRAX
+    loaded = lorakit.load("out/")         # any directory lorakit writes: loaded.model, .tokenizer, .adapters
 """
 
 from lorakit.combine import combine_adapters
@@ -13,17 +14,29 @@ from lorakit.core.activation import active, active_weights, disabled, mixed_batc
 from lorakit.core.inject import TargetPlan, plan
 from lorakit.core.lifecycle import adapter_names, attach, delete_adapter, trainable_parameters
 from lorakit.core.merge import merge, merge_and_unload, merged_adapters, unmerge
-from lorakit.errors import (AdapterError, ConfigError, DataError, FormatError, LorakitError, ModelError,
-                            StateError, TargetError, TrainingError)
+from lorakit.errors import (
+    AdapterError,
+    ConfigError,
+    DataError,
+    FormatError,
+    LorakitError,
+    ModelError,
+    StateError,
+    TargetError,
+    TrainingError,
+)
 from lorakit.io.adapters import load_adapter, save_adapter
+from lorakit.io.directory_kinds import Loaded
+from lorakit.io.loader import load
+from lorakit.mixtures import meteora, mixlora, xlora  # noqa: F401  (their directory kinds register on import)
 from lorakit.models import DEFAULT_MODEL, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR", "DEFAULT_MODEL", "AdapterError", "ConfigError", "DataError", "FormatError", "LoraConfig",
-    "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "TrainConfig", "TrainingError", "active", "active_weights",
-    "adapter_names", "attach", "combine_adapters", "delete_adapter", "disabled", "load_adapter", "load_model", "merge",
-    "merge_and_unload", "merged_adapters", "mixed_batch", "plan", "save_adapter", "set_active", "trainable_parameters",
-    "unmerge",
+    "Loaded", "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "TrainConfig",
+    "TrainingError", "active", "active_weights", "adapter_names", "attach", "combine_adapters", "delete_adapter",
+    "disabled", "load", "load_adapter", "load_model", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
+    "plan", "save_adapter", "set_active", "trainable_parameters", "unmerge",
 ]

@@ -175,14 +175,15 @@ class TrainConfig:
     full: bool = False
     """Full fine-tuning: every parameter of the model trains (a baseline for LoRA)."""
     optimizer: str = "adamw"
-    """``adamw``, ``lora-pro`` (LoRA-Pro) or ``allora`` (ALLoRA); the trainer checks the name
-    (:mod:`lorakit.train.components`)."""
+    """The optimizer, by its name in :mod:`lorakit.train.components` (the trainer checks it)."""
     method: str = "lora"
-    """``lora``, ``dylora`` (nested ranks) or ``codyra`` (gated ranks, pruned at the end)."""
+    """The training method, by its name in :mod:`lorakit.train.components`; docs/METHODS.md says which
+    methods, optimizers and regularizers combine."""
     regularizer: str | None = None
-    """``ba-lora`` (BA-LoRA's consistency, diversity and SVD terms), or None."""
+    """An extra loss term, by its name in :mod:`lorakit.train.components`, or None."""
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Settings of the chosen optimizer, method and regularizer, by name (e.g. ``{"allora_eta": 2.0}``)."""
+    """Settings of the chosen optimizer, method and regularizer, by name: ``{"allora_eta": 2.0}``,
+    on the command line ``--option allora_eta=2``; each one's defaults are in :mod:`lorakit.train.components`."""
     keep_freed_memory: bool = False
     """Keep memory freed between training steps in the process for the next step instead of returning it to
     the operating system (glibc's ``mallopt``; :mod:`lorakit.train.allocator`): on a CPU each step then skips

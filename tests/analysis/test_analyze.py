@@ -4,6 +4,7 @@ adapters and full weight sets, overlap, mitigation (identity at λ = 1, exact sc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import lorakit
 from lorakit import ConfigError, FormatError, LoraConfig
 from lorakit.analysis import IntruderSettings, analyze, load_report, mitigate_intruders, write_report
 from lorakit.analysis.report_files import REPORT_FILES
-from lorakit.analysis.schema import check_report
+from lorakit.analysis.report_schema import check_report
 from lorakit.analysis.subjects import base_weight
 from lorakit.cli.main import main
 from lorakit.io.factors import read_adapter_factors
@@ -146,3 +147,10 @@ def test_write_report_round_trips(adapter, tmp_path):
     report = analyze(adapter, base=tiny_llama(), progress=False)
     write_report(report, tmp_path / "r")
     assert load_report(tmp_path / "r") == json.loads(json.dumps(report))
+
+
+def test_mitigation_takes_an_adapter_and_refuses_another_kind_by_name(tmp_path):
+    release = Path(__file__).parent.parent / "fixtures" / "release-0.1.0"
+    with pytest.raises(ConfigError, match="holds a MixLoRA .*takes an adapter directory"):
+        mitigate_intruders(release / "mixlora", tmp_path / "m", base=tiny_llama(), progress=False)
+    assert not (tmp_path / "m").exists()

@@ -232,7 +232,7 @@ def test_a_non_empty_out_is_refused_and_left_alone_unless_overwrite(sources, tmp
         combine_adapters([(sources[0], 1.0)], out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     combine_adapters([(sources[0], 1.0)], out, overwrite=True)
-    assert {p.name for p in out.iterdir()} == {"keep.txt", "adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"keep.txt", "adapter_config.json", "adapter_model.safetensors", "lorakit.json"}
 
 
 @pytest.mark.parametrize("adapters, mode, rank, message", [

@@ -11,7 +11,7 @@ from tests.helpers import logits, perturb, tiny_gpt2, tiny_llama, token_batch
 
 def adapters(model, ranks=(2, 4, 3), targets=("q_proj", "v_proj", "down_proj")):
     names = [f"n{i}" for i in range(len(ranks))]
-    for i, (name, rank) in enumerate(zip(names, ranks)):
+    for i, (name, rank) in enumerate(zip(names, ranks, strict=True)):
         lorakit.attach(model, LoraConfig(rank=rank, alpha=2 * rank + i, use_rslora=i == 1, targets=targets), name)
         perturb(model, name, seed=i)
     return names

@@ -7,8 +7,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lorakit.models import smollm2
-
 SPECIALS = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["system", "user", "assistant", "hi", "hello", "bye", "ciao", "Reverse", "planet", "tenalp", ":", "be", "brief"]
 #: ChatML without a default system turn; "\n" vanishes in the word-level tokenizer.
@@ -44,9 +42,6 @@ def toy() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
-def smol() -> PreTrainedTokenizerBase:
-    """SmolLM2-135M-Instruct's tokenizer from lorakit's converted cache; skipped when not converted."""
-    directory = smollm2.cache_dir()
-    if not (directory / "tokenizer.json").is_file():
-        pytest.skip(f"the default model is not converted yet ({directory} has no tokenizer.json)")
-    return AutoTokenizer.from_pretrained(directory)
+def smol(default_model_dir) -> PreTrainedTokenizerBase:
+    """SmolLM2-135M-Instruct's tokenizer from lorakit's converted cache (converted first on a fresh machine)."""
+    return AutoTokenizer.from_pretrained(default_model_dir)

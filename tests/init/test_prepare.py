@@ -12,11 +12,10 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.config import TrainConfig
 from lorakit.data.jsonl import save_jsonl
-from lorakit.train.prepare import prepare_adapter
 from lorakit.io.peft_config import from_peft_dict
 from lorakit.train import train
-from tests.helpers import char_tokenizer, logits, run_interrupted, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from lorakit.train.prepare import prepare_adapter
+from tests.helpers import char_tokenizer, copy_examples, logits, run_interrupted, tiny_llama, token_batch
 
 LORA = lorakit.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
 CONFIG = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, seed=2)
@@ -27,7 +26,7 @@ def run(init: str, out, *, resume: bool = False):
     examples = copy_examples(16)
     prepared = prepare_adapter(model, char_tokenizer(), examples, LORA, CONFIG, init, run_dir=out, resume=resume)
     train(model, char_tokenizer(), examples, CONFIG, out_dir=out, overwrite=True, resume=out if resume else None,
-          save=prepared.save, progress=False)
+          components=prepared.components, progress=False)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from lorakit import AdapterError, LoraConfig
 from tests.helpers import logits, perturb, tiny_llama, token_batch
 
 CONFIG = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-FILES = {"adapter_config.json", "adapter_model.safetensors"}
+FILES = {"adapter_config.json", "adapter_model.safetensors", "lorakit.json"}
 
 
 class DiskFull(OSError):

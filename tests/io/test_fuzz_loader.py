@@ -1,5 +1,7 @@
 """Fuzzing the adapter loader: whatever is on disk, ``load_adapter`` either loads a sane adapter or
-raises a :class:`lorakit.LorakitError`, and a refused load leaves the model unchanged.
+raises a :class:`lorakit.LorakitError`, and a refused load leaves the model unchanged. As the README
+promises, a refusal names the file, and, when the weights file is readable and the config valid (so what
+is wrong is a tensor), the tensor.
 
 The valid adapter is built once per test (module fixture); each example only rewrites one file.
 """
@@ -15,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as read_safetensors
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
@@ -59,8 +62,17 @@ class Loader:
         self.directory = directory
         self.loaded = 0
         self.refused = 0
+        self.tensor_names: set[str] | None = None  # the tensors of a readable weights file beside a valid config
 
     def write(self, *, config: str | bytes | None = None, weights: bytes | None = None) -> None:
+        self.tensor_names = None
+        if config is None and weights is not None:
+            try:
+                self.tensor_names = set(read_safetensors(weights)) | set(self.valid.shapes)
+            except Exception:  # unreadable: the refusal is about the file, not one tensor
+                self.tensor_names = None
+        elif config is None:
+            self.tensor_names = set(self.valid.shapes)
         config = self.valid.config_text if config is None else config
         weights = self.valid.weights if weights is None else weights
         (self.directory / CONFIG_FILE).write_bytes(config.encode() if isinstance(config, str) else config)
@@ -71,7 +83,7 @@ class Loader:
         try:
             lorakit.load_adapter(self.model, self.directory, "fuzz")
         except LorakitError as err:
-            assert str(err), "an error without a message"
+            self.check_refusal(str(err))
             assert lorakit.adapter_names(self.model) == []
             assert not hasattr(self.model, "lorakit_state")
             assert torch.equal(logits(self.model, self.ids), self.base_logits)
@@ -88,6 +100,14 @@ class Loader:
         assert torch.equal(logits(self.model, self.ids), self.base_logits)
         self.loaded += 1
         return True
+
+
+    def check_refusal(self, message: str) -> None:
+        """The README's promise: the refusal names the file, and the tensor when a tensor is what is wrong."""
+        files = [str(self.directory / CONFIG_FILE), str(self.directory / WEIGHTS_FILE)]
+        assert any(file in message for file in files), f"the refusal names no file: {message!r}"
+        if self.tensor_names is not None:
+            assert any(repr(name) in message for name in self.tensor_names), f"the refusal names no tensor: {message!r}"
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +200,8 @@ def test_a_changed_mantissa_byte_loads_and_a_nan_is_refused(loader):
 
 SPECIAL_VALUES = st.sampled_from([0, -1, 4, 8, 4.0, True, False, None, 10**400, -(10**400), 2**63, 1e308,
                                   float("inf"), float("nan"), "LORA", "q_proj", "v_proj", "all-linear", ".*", "(", "",
-                                  "some-org/other-model", BASE_NAME, [], {}, ["q_proj"], {"q_proj": 8}, {"q_proj": 10**400},
-                                  {"q_proj": float("inf")}, {".*": 2}])
+                                  "some-org/other-model", BASE_NAME, [], {}, ["q_proj"], {"q_proj": 8},
+                                  {"q_proj": 10**400}, {"q_proj": float("inf")}, {".*": 2}])
 JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | SPECIAL_VALUES
 JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
@@ -248,3 +268,32 @@ def test_numbers_are_finite_in_the_valid_adapter(valid):
     """The fixture itself is sane: shapes as configured, finite weights (guards the fuzzers' baseline)."""
     assert valid.config["r"] == 4 and valid.config["peft_type"] == "LORA"
     assert all(math.prod(shape) > 0 for shape in valid.shapes.values())
+
+
+# --- lorakit.json, read by lorakit.load ------------------------------------------------------------
+
+METADATA_FIELDS = st.fixed_dictionaries({}, optional={"format": SPECIAL_VALUES | JSON_VALUES,
+                                                      "kind": st.sampled_from(["adapter", "xlora", "model", "foo"])
+                                                      | JSON_VALUES, "origin": JSON_VALUES})
+
+
+@FUZZ
+@given(metadata=METADATA_FIELDS | JSON_VALUES)
+def test_random_lorakit_json_loads_the_adapter_or_is_refused_naming_it(loader, metadata):
+    """``lorakit.load`` over a valid adapter with any ``lorakit.json``: the adapter, or a refusal naming the file
+    (or, for another kind it names, that kind's missing file), and the model unchanged."""
+    loader.write()
+    (loader.directory / "lorakit.json").write_text(json.dumps(metadata))
+    try:
+        try:
+            loaded = lorakit.load(loader.directory, loader.model)
+        except LorakitError as err:
+            assert str(loader.directory) in str(err), str(err)
+            assert lorakit.adapter_names(loader.model) == []
+            assert torch.equal(logits(loader.model, loader.ids), loader.base_logits)
+            return
+        assert (loaded.kind, loaded.adapters) == ("adapter", ("default",))
+        assert metadata.get("kind") == "adapter" and metadata.get("format") == 1
+        lorakit.delete_adapter(loader.model, "default")
+    finally:
+        (loader.directory / "lorakit.json").unlink()

@@ -129,7 +129,8 @@ def test_missing_config(model, adapter):
     refused(model, adapter, str(adapter / CONFIG_FILE))
 
 
-@pytest.mark.parametrize("text", ["{", "", "{'r': 4}", "\xff\xfe"], ids=["truncated", "empty", "python-repr", "bad-utf8"])
+@pytest.mark.parametrize("text", ["{", "", "{'r': 4}", "\xff\xfe"],
+                         ids=["truncated", "empty", "python-repr", "bad-utf8"])
 def test_invalid_json(model, adapter, text):
     path = adapter / CONFIG_FILE
     path.write_bytes(text.encode("latin-1"))
@@ -201,7 +202,8 @@ def test_missing_required_field(model, adapter, field):
     refused(model, adapter, str(adapter / CONFIG_FILE), repr(field))
 
 
-@pytest.mark.parametrize("targets", [None, [], 5, ["q_proj", 3], "("], ids=["null", "empty", "int", "non-str", "bad-regex"])
+@pytest.mark.parametrize("targets", [None, [], 5, ["q_proj", 3], "("],
+                         ids=["null", "empty", "int", "non-str", "bad-regex"])
 def test_bad_target_modules(model, adapter, targets):
     edit_config(adapter, target_modules=targets)
     refused(model, adapter, str(adapter / CONFIG_FILE), "'target_modules'")
@@ -215,7 +217,8 @@ def test_target_modules_matching_nothing(model, adapter):
 
 @pytest.mark.parametrize("field,value", [("lora_dropout", 1.5), ("lora_dropout", float("inf")),
                                          ("alpha_pattern", {"q_proj": float("inf")}),
-                                         ("alpha_pattern", {"q_proj": 10**400}), ("lora_dropout", "0.1"), ("rank_pattern", {"q_proj": 0}),
+                                         ("alpha_pattern", {"q_proj": 10**400}), ("lora_dropout", "0.1"),
+                                         ("rank_pattern", {"q_proj": 0}),
                                          ("rank_pattern", ["q_proj"]), ("alpha_pattern", {"(": 2}),
                                          ("exclude_modules", "all-linear"), ("use_rslora", "false")])
 def test_other_bad_fields(model, adapter, field, value):

@@ -9,12 +9,10 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
 from lorakit.data.example import Example
-from lorakit.methods.codyra import (CodyraSchedule, active_ranks, add_gates, prune_gates, soft_threshold_,
-                                    threshold_at)
 from lorakit.jobs.continual import ContinualResult, train_continual
+from lorakit.methods.codyra import CodyraSchedule, active_ranks, add_gates, prune_gates, soft_threshold_, threshold_at
 from lorakit.train import train
-from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, logits, perturb, tiny_llama, token_batch
 
 LORA = LoraConfig(rank=4, alpha=4, targets=("q_proj", "v_proj", "lm_head"))
 

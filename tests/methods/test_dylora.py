@@ -9,11 +9,9 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
 from lorakit.eval.rank_sweep import evaluate_ranks
-from lorakit.methods.dylora import (DyLoraSampler, at_rank, max_rank, sample_rank, set_nested_rank,
-                                    truncate_adapter)
+from lorakit.methods.dylora import DyLoraSampler, at_rank, max_rank, sample_rank, set_nested_rank, truncate_adapter
 from lorakit.train import train
-from tests.helpers import char_tokenizer, logits, perturb, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, logits, perturb, tiny_llama, token_batch
 
 LORA = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"))
 
@@ -80,7 +78,8 @@ def test_sampled_ranks_are_uniform_reproducible_and_in_range():
 
 def test_the_sampler_sets_the_rank_for_the_step_only():
     model = perturbed()
-    sampler = DyLoraSampler(model, seed=1)
+    sampler = DyLoraSampler(seed=1)
+    sampler.attach(model)
     adapter = model.get_submodule("lm_head").adapters["default"]
     sampler.before_step(7, 10)
     assert adapter.nested.rank == sample_rank(1, 7, 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import AdapterError, ConfigError, FormatError, LoraConfig
+from lorakit.core.records import recording
 from lorakit.core.state import lora_layers
 from lorakit.errors import DataError
 from lorakit.mixtures.meteora import (MeteoraConfig, MeteoraModel, MeteoraTaskLoss, load_meteora, save_meteora,
                                       saved_adapters)
-from lorakit.mixtures.meteora.model import gate_key
+from lorakit.mixtures.meteora.model import GATE_LOGITS, gate_key
 from tests.helpers import logits, perturb, tiny_llama, token_batch
 
 MIXED = {"maths": LoraConfig(rank=4, alpha=8, targets="all-linear"),
@@ -39,9 +41,21 @@ def meteora(config: MeteoraConfig = MeteoraConfig(gate_init_range=0.5), configs=
     return MeteoraModel(model, list(configs), config).eval()
 
 
-def selections(xmodel: MeteoraModel) -> set[int]:
-    """Which adapters won the top-1 anywhere in the last forward."""
-    return {int(i) for z in xmodel.gate_logits.values() for i in z.argmax(-1).unique()}
+def gated_forward(xmodel: MeteoraModel, *args, **kwargs):
+    """The forward's output and the gate logits it recorded, by layer path."""
+    with recording() as records:
+        out = xmodel(*args, **kwargs)
+    return out, xmodel.gate_logits(records)
+
+
+def as_outputs(gates: dict[str, torch.Tensor]) -> SimpleNamespace:
+    """Outputs carrying these gate logits as their forward's records, for the task loss."""
+    return SimpleNamespace(records={GATE_LOGITS: [(gate_key(path), z) for path, z in gates.items()]})
+
+
+def selections(gates: dict[str, torch.Tensor]) -> set[int]:
+    """Which adapters won the top-1 anywhere in one forward."""
+    return {int(i) for z in gates.values() for i in z.argmax(-1).unique()}
 
 
 # --- configuration and construction -------------------------------------------------------------
@@ -81,8 +95,9 @@ def test_sparse_path_equals_dense_path(temperature):
     ids = token_batch(rows=3, length=7)
     base = logits(xmodel.model, ids)
     with torch.no_grad():
-        sparse = xmodel(ids).logits
-        assert len(selections(xmodel)) == 3  # every adapter wins somewhere: the routing is not trivial
+        out, gates = gated_forward(xmodel, ids)
+        sparse = out.logits
+        assert len(selections(gates)) == 3  # every adapter wins somewhere: the routing is not trivial
         dense = xmodel(ids, dense=True).logits
     assert not torch.allclose(sparse, base, atol=1e-3)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
@@ -91,10 +106,10 @@ def test_sparse_path_equals_dense_path(temperature):
 def test_masked_gates_never_select_an_adapter_the_layer_lacks():
     xmodel = meteora(MeteoraConfig(gate_init_range=0.5, top_k=2))
     with torch.no_grad():
-        xmodel(token_batch())
+        _, gates = gated_forward(xmodel, token_batch())
     o_proj = "model.layers.0.self_attn.o_proj"  # holds only "maths"
     assert xmodel.held(o_proj).tolist() == [True, False, False]
-    z = xmodel.gate_logits[o_proj]
+    z = gates[o_proj]
     assert torch.isinf(z[..., 1:]).all() and torch.isfinite(z[..., 0]).all()
 
 
@@ -119,17 +134,18 @@ def test_one_hot_gate_equals_the_single_adapter(winner):
             weight = xmodel.gates[gate_key(name)].weight
             weight.zero_()
             weight[j] = row.float()
-        routed = xmodel(ids).logits
-    assert selections(xmodel) == {j}
+        out, gates = gated_forward(xmodel, ids)
+        routed = out.logits
+    assert selections(gates) == {j}
     assert not torch.allclose(expected, logits(model, ids), atol=1e-3)  # the adapter changes the output
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=0)
 
 
 # --- c. the task loss by hand -------------------------------------------------------------------
 
-def hand_task_loss(xmodel: MeteoraModel, tasks, mask) -> float:
+def hand_task_loss(xmodel: MeteoraModel, gates, tasks, mask) -> float:
     total, count = 0.0, 0
-    for z in xmodel.gate_logits.values():
+    for z in gates.values():
         for row, task in enumerate(tasks):
             if task is None:
                 continue
@@ -143,6 +159,10 @@ def hand_task_loss(xmodel: MeteoraModel, tasks, mask) -> float:
     return total / count
 
 
+def task_term(extension: MeteoraTaskLoss, batch: dict, outputs) -> torch.Tensor:
+    return extension.losses(batch, outputs)["meteora_task"]
+
+
 def test_task_loss_equals_a_hand_computation():
     xmodel = meteora(MeteoraConfig(gate_init_range=0.5, task_loss_weight=3.0))
     ids = token_batch(rows=3, length=5)
@@ -152,23 +172,24 @@ def test_task_loss_equals_a_hand_computation():
     q = "model.layers.1.self_attn.q_proj"
     hook = xmodel.model.get_submodule(q).register_forward_hook(lambda _m, a, _o: seen.__setitem__("x", a[0]))
     with torch.no_grad():
-        out = xmodel(ids, attention_mask=mask)
+        out, gates = gated_forward(xmodel, ids, attention_mask=mask)
     hook.remove()
+    recorded = as_outputs(gates)
     # the recorded logits are that layer's gate applied to that layer's own input
-    torch.testing.assert_close(xmodel.gate_logits[q], seen["x"].float() @ xmodel.gates[gate_key(q)].weight.T)
+    torch.testing.assert_close(gates[q], seen["x"].float() @ xmodel.gates[gate_key(q)].weight.T)
     extension = MeteoraTaskLoss(xmodel)
     batch = {"input_ids": ids, "attention_mask": mask, "task_per_row": tasks}
-    loss = extension.loss(batch, out.logits)
-    assert loss.item() == pytest.approx(3.0 * hand_task_loss(xmodel, tasks, mask.tolist()), rel=1e-5)
-    full = extension.loss({**batch, "attention_mask": torch.ones_like(mask)}, out.logits)
+    loss = task_term(extension, batch, recorded)
+    assert loss.item() == pytest.approx(3.0 * hand_task_loss(xmodel, gates, tasks, mask.tolist()), rel=1e-5)
+    full = task_term(extension, {**batch, "attention_mask": torch.ones_like(mask)}, recorded)
     assert full.item() != pytest.approx(loss.item(), rel=1e-4)  # padding really is left out
-    labelled_all = extension.loss({**batch, "task_per_row": ["maths", "style", "facts"]}, out.logits)
+    labelled_all = task_term(extension, {**batch, "task_per_row": ["maths", "style", "facts"]}, recorded)
     assert labelled_all.item() != pytest.approx(loss.item(), rel=1e-4)  # the None row really is left out
-    assert extension.loss({**batch, "task_per_row": [None, None, None]}, out.logits) is None
+    assert extension.losses({**batch, "task_per_row": [None, None, None]}, recorded) == {}
     with pytest.raises(DataError, match="cooking"):
-        extension.loss({**batch, "task_per_row": ["cooking", None, None]}, out.logits)
+        task_term(extension, {**batch, "task_per_row": ["cooking", None, None]}, recorded)
     renamed = MeteoraTaskLoss(xmodel, {"algebra": "maths", "trivia": "facts"})
-    assert renamed.loss({**batch, "task_per_row": ["algebra", None, "trivia"]}, out.logits).item() == \
+    assert task_term(renamed, {**batch, "task_per_row": ["algebra", None, "trivia"]}, recorded).item() == \
         pytest.approx(loss.item(), rel=1e-6)
     with pytest.raises(AdapterError, match="poetry"):
         MeteoraTaskLoss(xmodel, {"x": "poetry"})
@@ -176,9 +197,9 @@ def test_task_loss_equals_a_hand_computation():
 
 # --- d. training the gates alone ----------------------------------------------------------------
 
-def gate_accuracy(xmodel: MeteoraModel, targets: torch.Tensor) -> float:
+def gate_accuracy(gates: dict[str, torch.Tensor], targets: torch.Tensor) -> float:
     right = total = 0
-    for z in xmodel.gate_logits.values():
+    for z in gates.values():
         reachable = torch.isfinite(z.gather(-1, targets[:, None, None].expand(*z.shape[:2], 1))).squeeze(-1)
         hits = (z.argmax(-1) == targets[:, None]) & reachable
         right, total = right + int(hits.sum()), total + int(reachable.sum())
@@ -198,17 +219,17 @@ def test_training_the_gates_routes_labelled_rows_to_their_adapter():
     optimizer = torch.optim.Adam([p for p in xmodel.parameters() if p.requires_grad], lr=0.05)
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in xmodel.gates.parameters()}
     with torch.no_grad():
-        xmodel(ids)
-    assert gate_accuracy(xmodel, targets) < 0.9
+        _, gates = gated_forward(xmodel, ids)
+    assert gate_accuracy(gates, targets) < 0.9
     for _ in range(100):
-        out = xmodel(ids)
-        loss = extension.loss(batch, out.logits)
+        out, gates = gated_forward(xmodel, ids)
+        loss = task_term(extension, batch, as_outputs(gates))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        xmodel(ids)
-    assert gate_accuracy(xmodel, targets) == 1.0
+        _, gates = gated_forward(xmodel, ids)
+    assert gate_accuracy(gates, targets) == 1.0
     for key, value in xmodel.model.state_dict().items():
         assert torch.equal(value, frozen[key]), key
 
@@ -223,7 +244,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     save_meteora(xmodel, tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "meteora_config.json").read_text())
     assert saved["adapters"] == list(MIXED) and saved["layer_names"] == xmodel.layer_names
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["gates.safetensors", "meteora_config.json"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["gates.safetensors", "lorakit.json", "meteora_config.json"]
     assert saved_adapters(tmp_path / "m") == list(MIXED)
     loaded = load_meteora(with_adapters(), tmp_path / "m").eval()
     assert loaded.config == xmodel.config

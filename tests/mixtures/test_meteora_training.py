@@ -8,10 +8,10 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
 from lorakit.data.example import Example
+from lorakit.methods.component import WritesResult
 from lorakit.mixtures.meteora import MeteoraConfig, MeteoraModel, MeteoraTaskLoss, load_meteora, save_meteora
 from lorakit.train import train
-from tests.helpers import char_tokenizer, perturb, run_interrupted, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, perturb, run_interrupted, tiny_llama, token_batch
 
 NAMES = ["copy", "upper"]
 
@@ -42,7 +42,7 @@ def test_the_trainer_trains_only_the_gates_on_the_task_loss_and_resumes_exactly(
 
     def run(xmodel, out, resume=None):
         return train(xmodel, tokenizer, examples, config, out_dir=out, resume=resume, progress=False,
-                     extensions=[MeteoraTaskLoss(xmodel)], save=lambda directory: save_meteora(xmodel, directory))
+                     components=[MeteoraTaskLoss(xmodel), WritesResult(lambda directory: save_meteora(xmodel, directory))])
 
     straight = meteora()
     before, gates = frozen_state(straight), {k: v.clone() for k, v in straight.gate_state().items()}
@@ -71,7 +71,7 @@ def test_the_task_loss_falls_as_the_gates_learn_the_tasks(tmp_path):
     tokenizer, examples = char_tokenizer(), labelled_examples()
     xmodel = meteora()
     result = train(xmodel, tokenizer, examples, TrainConfig(steps=40, batch_size=16, lr=5e-2, log_every=1),
-                   progress=False, extensions=[MeteoraTaskLoss(xmodel, weight=1.0)])
+                   progress=False, components=[MeteoraTaskLoss(xmodel, weight=1.0)])
     gate_losses = [record["extra_loss"] for record in result.metrics if "extra_loss" in record]
     assert len(gate_losses) == 40
     # The gates learn which adapter each task needs (tokens shared by both tasks' prompts stay ambiguous).
@@ -80,9 +80,11 @@ def test_the_task_loss_falls_as_the_gates_learn_the_tasks(tmp_path):
 
 def test_cli_trains_and_evaluates_meteora_over_saved_task_adapters(base_dir, tmp_path, capsys):
     import json
+
+    from transformers import AutoModelForCausalLM
+
     from lorakit.cli.main import main
     from lorakit.data.jsonl import save_jsonl
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     for index, name in enumerate(NAMES):
         lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")), name, activate=False)

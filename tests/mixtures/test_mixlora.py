@@ -4,6 +4,7 @@ saving, unsupported FFNs, cached generation."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +13,21 @@ from torch import nn
 import lorakit
 from lorakit import ConfigError, FormatError, StateError, TargetError
 from lorakit.config import TrainConfig
+from lorakit.core.records import recording
 from lorakit.io.files import load_tensors, save_tensors
-from lorakit.mixtures.mixlora import (MixLoraAuxLoss, MixLoraConfig, attach_mixlora, load_balancing_loss,
-                                      load_mixlora, mixlora_layers, save_mixlora)
+from lorakit.mixtures.mixlora import (
+    MixLoraConfig,
+    MixLoraTraining,
+    attach_mixlora,
+    load_balancing_loss,
+    load_mixlora,
+    mixlora_layers,
+    save_mixlora,
+)
+from lorakit.mixtures.mixlora.ffn import ROUTER_LOGITS
 from lorakit.mixtures.mixlora.storage import ROUTERS_FILE, saved_folder
 from lorakit.train import train
-from tests.helpers import char_tokenizer, logits, perturb, tiny_gpt2, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, logits, perturb, tiny_gpt2, tiny_llama, token_batch
 
 CONFIG = MixLoraConfig(num_experts=4, top_k=2, rank=4, alpha=8, dropout=0.0)
 
@@ -80,8 +89,11 @@ def test_sparse_equals_dense_and_uses_several_experts():
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         for ffn in ffns:
-            torch.testing.assert_close(ffn(x), ffn.dense_forward(x), atol=1e-5, rtol=0)
-            chosen = ffn.router_logits.topk(2, dim=-1).indices
+            with recording() as records:
+                torch.testing.assert_close(ffn(x), ffn.dense_forward(x), atol=1e-5, rtol=0)
+            sparse_logits, dense_logits = records[ROUTER_LOGITS]
+            torch.testing.assert_close(sparse_logits, dense_logits)
+            chosen = sparse_logits.topk(2, dim=-1).indices
             assert len(chosen.unique()) == 4
 
 
@@ -122,32 +134,54 @@ def test_aux_loss_by_hand_with_padding():
         load_balancing_loss([layer], 1, torch.ones(1, 4))
 
 
-def test_aux_extension_uses_the_last_forward_and_the_mask():
+def aux_term(model, batch, records, coefficient=None) -> torch.Tensor:
+    component = MixLoraTraining(coefficient)
+    component.attach(model)
+    return component.losses(batch, SimpleNamespace(records=records))["mixlora_aux"]
+
+
+def test_the_aux_term_uses_the_forward_s_records_and_the_mask():
     model, ffns = mixlora()
-    extension = MixLoraAuxLoss(model)
-    with pytest.raises(StateError, match="forward"):
-        extension.loss({}, torch.zeros(1))
+    with pytest.raises(StateError, match="recorded router logits of 0 MixLoRA FFNs"):
+        aux_term(model, {}, {})
     with torch.no_grad():
         for ffn in ffns:
             ffn.router.weight.zero_()  # uniform p: L_aux = k whatever the ties pick
     ids = token_batch()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    out = model(ids).logits
-    assert extension.loss(batch, out).item() == pytest.approx(CONFIG.aux_loss_coefficient * 2, rel=1e-5)
-    assert MixLoraAuxLoss(model, coefficient=0.5).loss(batch, out).item() == pytest.approx(1.0, rel=1e-5)
+    with recording() as records:
+        model(ids)
+    assert aux_term(model, batch, records).item() == pytest.approx(CONFIG.aux_loss_coefficient * 2, rel=1e-5)
+    assert aux_term(model, batch, records, coefficient=0.5).item() == pytest.approx(1.0, rel=1e-5)
     model, ffns = mixlora()
-    model(ids)
+    with recording() as records:
+        model(ids)
     batch["attention_mask"][:, 5:] = 0
-    expected = load_balancing_loss([ffn.router_logits[:, :5] for ffn in ffns], 2)
-    torch.testing.assert_close(MixLoraAuxLoss(model).loss(batch, out), 0.001 * expected)
+    expected = load_balancing_loss([logits[:, :5] for logits in records[ROUTER_LOGITS]], 2)
+    torch.testing.assert_close(aux_term(model, batch, records), 0.001 * expected)
+
+
+def test_a_forward_outside_a_recording_keeps_nothing():
+    model, ffns = mixlora()
+    model(token_batch())
+    assert all("router_logits" not in vars(ffn) for ffn in ffns)
+    with recording() as records:
+        pass
+    assert records == {}
+
+
+def test_method_mixlora_refuses_a_model_without_mixlora_ffns():
+    with pytest.raises(ConfigError, match="no MixLoRA FFN"):
+        MixLoraTraining().attach(tiny_llama())
 
 
 def test_gradients_reach_routers_attention_and_experts_only():
     model, ffns = mixlora(MixLoraConfig(num_experts=4, top_k=2, rank=4, alpha=8, jitter_noise=0.1))
     model.train()
     ids = token_batch()
-    out = model(ids, labels=ids)
-    (out.loss + MixLoraAuxLoss(model).loss({"input_ids": ids}, out.logits)).backward()
+    with recording() as records:
+        out = model(ids, labels=ids)
+    (out.loss + aux_term(model, {"input_ids": ids}, records)).backward()
     trainable = lorakit.trainable_parameters(model)
     assert {n for n in trainable if "router" in n} == {f"model.layers.{i}.mlp.router.weight" for i in range(2)}
     assert any(".self_attn.q_proj.adapters.attention.A" in n for n in trainable)
@@ -158,27 +192,17 @@ def test_gradients_reach_routers_attention_and_experts_only():
     assert frozen and all(p.grad is None for p in frozen)
 
 
-def test_training_with_the_trainer_and_the_aux_loss(monkeypatch):
+def test_method_mixlora_trains_with_its_load_balancing_loss():
     model, ffns = mixlora(trained=False)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     routers = [ffn.router.weight.detach().clone() for ffn in ffns]
-    terms = []
-
-    class Recording(MixLoraAuxLoss):
-        def loss(self, batch, logits):
-            term = super().loss(batch, logits)
-            terms.append(term.item())
-            return term
-
-    def extensions(model_, config, reference=None):  # the wiring the trainer needs (see the report)
-        return [Recording(model_)]
-
-    monkeypatch.setattr("lorakit.train.loop.build_extensions", extensions)
-    result = train(model, char_tokenizer(), copy_examples(8), TrainConfig(steps=3, batch_size=4, lr=1e-2),
-                   progress=False)
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=1, method="mixlora")
+    result = train(model, char_tokenizer(), copy_examples(8), config, progress=False)
     assert result.steps == 3 and math.isfinite(result.train_loss)
+    terms = [line["mixlora_aux"] for line in result.metrics if "loss" in line]
     assert terms == pytest.approx([0.001 * 2] * 3, rel=0.2)  # c * L_aux, and L_aux ~ k for near-uniform routers
-    assert all(not torch.equal(r, ffn.router.weight) for r, ffn in zip(routers, ffns))
+    assert [line["extra_loss"] for line in result.metrics if "loss" in line] == terms
+    assert all(not torch.equal(r, ffn.router.weight) for r, ffn in zip(routers, ffns, strict=True))
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
 
 
@@ -188,7 +212,7 @@ def test_save_and_load_restore_the_model(tmp_path):
     expected = logits(model, ids)
     save_mixlora(model, tmp_path / "mix")
     folder = saved_folder(tmp_path / "mix")
-    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted([folder.name, "mixlora_config.json"])
+    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted([folder.name, "lorakit.json", "mixlora_config.json"])
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["attention", "expert0", "expert1", "expert2", "expert3", "routers.safetensors"])
     fresh = tiny_llama()

@@ -14,8 +14,7 @@ from lorakit.data.jsonl import save_jsonl
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora, load_mixlora, mixlora_layers
 from lorakit.train import train
 from lorakit.train.combinations import check_combination
-from tests.helpers import char_tokenizer, logits, run_interrupted, tiny_llama, token_batch
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, logits, run_interrupted, tiny_llama, token_batch
 
 MIX = MixLoraConfig(num_experts=4, top_k=2, rank=2, alpha=4, dropout=0.0, attention_targets=("q_proj",))
 
@@ -32,17 +31,14 @@ def test_the_trainer_adds_the_aux_loss_and_resumes_exactly(tmp_path, monkeypatch
                          regularizer=None, options={"mixlora_aux_loss_coefficient": 0.5})
     straight = mixlora_model()
     routers = [layer.router.weight.detach().clone() for _, layer in mixlora_layers(straight)]
-    from lorakit.mixtures.mixlora import save_mixlora
-    train(straight, tokenizer, examples, config, out_dir=tmp_path / "a", progress=False,
-          save=lambda out: save_mixlora(straight, out))
+    train(straight, tokenizer, examples, config, out_dir=tmp_path / "a", progress=False)
     assert all(not torch.equal(layer.router.weight, before)
                for (_, layer), before in zip(mixlora_layers(straight), routers))
     interrupted = mixlora_model()
     run_interrupted(monkeypatch, 3, lambda: train(interrupted, tokenizer, examples, config, out_dir=tmp_path / "b",
-                                                  progress=False, save=lambda out: save_mixlora(interrupted, out)))
+                                                  progress=False))
     resumed = mixlora_model()
-    train(resumed, tokenizer, examples, config, out_dir=tmp_path / "b", resume=tmp_path / "b", progress=False,
-          save=lambda out: save_mixlora(resumed, out))
+    train(resumed, tokenizer, examples, config, out_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
     for (name, p), q in zip(lorakit.trainable_parameters(straight).items(),
                             lorakit.trainable_parameters(resumed).values()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)

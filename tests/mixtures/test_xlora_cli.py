@@ -10,8 +10,7 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.data.jsonl import save_jsonl
 from lorakit.mixtures.xlora.storage import load_xlora
-from tests.helpers import char_tokenizer, perturb, tiny_llama
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, perturb, tiny_llama
 
 
 @pytest.fixture(scope="module")

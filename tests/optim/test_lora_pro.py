@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.optim.factors import LoraFactors, lora_factors
+from lorakit.optim.factor_pairs import LoraFactors, lora_factors
 from lorakit.optim.lora_pro import LoraPro, adjusted_gradients, equivalent_gradient, lora_pro_state_bytes
 from lorakit.optim.sylvester import solve_symmetric_sylvester
 from tests.helpers import TinyConvNet, perturb, tiny_llama, token_batch

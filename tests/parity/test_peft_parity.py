@@ -88,7 +88,7 @@ def test_files_keys_and_config_fields_are_peft_s(tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft_config(options))
     theirs.save_pretrained(tmp_path / "theirs")
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+                                                                     "adapter_model.safetensors", "lorakit.json"]
     ours_tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     # PEFT also stores a copy of a targeted embedding's base weight; lorakit never stores base weights.
     theirs_tensors = {k: v for k, v in load_file(tmp_path / "theirs" / "adapter_model.safetensors").items()

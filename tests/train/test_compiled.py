@@ -3,19 +3,17 @@ forward restored afterwards, and the trainer compiling only when asked."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+from torch._dynamo.utils import counters
 
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
-from lorakit.train import loop
-from lorakit.train.compiled import compiled_body
+from lorakit.methods.component import TrainingComponent
 from lorakit.models.supervised_loss import logits_loss, supervised_outputs
-from tests.helpers import char_tokenizer, tiny_llama
-from tests.train.test_loop import adapter_model, copy_examples
-from tests.train.test_supervised_logits import labelled_batch
+from lorakit.train.compiled import compiled_body
+from lorakit.train.loop import train
+from tests.helpers import adapter_model, char_tokenizer, copy_examples, labelled_batch, tiny_llama
 
 
 def loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -43,16 +41,32 @@ def test_the_compiled_body_gives_the_eager_loss_and_gradients_and_is_undone():
         torch.testing.assert_close(grad, eager_grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
-def test_the_trainer_compiles_only_when_asked(monkeypatch):
-    asked = []
+class SeesTheBody(TrainingComponent):
+    """Records, before each step, whether the decoder body's forward is the compiled one."""
 
-    @contextlib.contextmanager
-    def recording(model, enabled=True):
-        asked.append(enabled)
-        yield
+    def attach(self, model) -> None:
+        self.body, self.compiled = model.base_model, []
 
-    monkeypatch.setattr(loop, "compiled_body", recording)
+    def before_step(self, step: int, total: int) -> None:
+        self.compiled.append("forward" in vars(self.body))
+
+
+def test_the_trainer_runs_the_compiled_body_only_when_asked():
     for compile in (False, True):
-        loop.train(adapter_model(), char_tokenizer(), copy_examples(4), TrainConfig(steps=1, batch_size=2, compile=compile),
-                   progress=False)
-    assert asked == [False, True]
+        torch._dynamo.reset()
+        counters.clear()
+        seen, model = SeesTheBody(), adapter_model()
+        train(model, char_tokenizer(), copy_examples(4), TrainConfig(steps=1, batch_size=2, compile=compile),
+              components=[seen], progress=False)
+        assert seen.compiled == [compile]
+        assert (counters["stats"]["unique_graphs"] > 0) == compile  # dynamo really compiled the body
+        assert "forward" not in vars(model.base_model)
+
+
+def test_a_forward_set_on_the_instance_before_is_restored():
+    body = tiny_llama().base_model
+    own = body.forward
+    body.forward = own  # e.g. a hook library's wrapper on the instance
+    with compiled_body(body):
+        assert vars(body)["forward"] is not own
+    assert vars(body)["forward"] is own

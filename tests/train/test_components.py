@@ -10,16 +10,22 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
+from lorakit.models.supervised_loss import supervised_outputs
 from lorakit.optim.allora import Allora
 from lorakit.optim.lora_pro import LoraPro
 from lorakit.regularizers.ba_lora import ba_lora_terms
 from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
 from lorakit.train import train
 from lorakit.train.combinations import check_combination, prepared_lora, scale_free
-from lorakit.train.components import check_components, METHODS, OPTIMIZERS, REGULARIZERS, build_extensions, build_optimizer
-from lorakit.models.supervised_loss import supervised_outputs
-from tests.helpers import char_tokenizer, run_interrupted, tiny_llama
-from tests.train.test_loop import copy_examples
+from lorakit.train.components import (
+    METHODS,
+    OPTIMIZERS,
+    REGULARIZERS,
+    OptimizerChoice,
+    check_components,
+    components_for,
+)
+from tests.helpers import char_tokenizer, copy_examples, run_interrupted, tiny_llama
 
 LORA = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"))
 
@@ -43,15 +49,23 @@ def test_unknown_names_and_options_are_refused_with_the_known_ones():
     assert TrainConfig(optimizer="allora", options={"allora_eta": 2.0}).options == {"allora_eta": 2.0}
 
 
+def built_optimizer(model, parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    [choice] = [c for c in components_for(config) if isinstance(c, OptimizerChoice)]
+    return choice.optimizer(model, parameters, config)
+
+
+def loop_hooks(config: TrainConfig) -> list:
+    return [c for c in components_for(config) if not isinstance(c, OptimizerChoice)]
+
+
 def test_the_registries_build_what_they_name():
     model = attached()
     parameters = list(lorakit.trainable_parameters(model).values())
-    assert isinstance(build_optimizer(model, parameters, TrainConfig(optimizer="lora-pro")), LoraPro)
-    allora = build_optimizer(model, parameters, TrainConfig(optimizer="allora", options={"allora_eta": 3.0}))
+    assert isinstance(built_optimizer(model, parameters, TrainConfig(optimizer="lora-pro")), LoraPro)
+    allora = built_optimizer(model, parameters, TrainConfig(optimizer="allora", options={"allora_eta": 3.0}))
     assert isinstance(allora, Allora) and allora.param_groups[0]["eta"] == 3.0
-    assert isinstance(build_optimizer(model, parameters, TrainConfig()), torch.optim.AdamW)
-    assert build_extensions(model, TrainConfig()) == []
-    [regularizer] = build_extensions(model, TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
+    assert components_for(TrainConfig()) == []  # AdamW: the trainer's default
+    [regularizer] = loop_hooks(TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
     assert isinstance(regularizer, BaLoraRegularizer) and regularizer.weights.top_k == 5
     assert set(OPTIMIZERS) == {"adamw", "lora-pro", "allora"}
     assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora"}
@@ -99,14 +113,16 @@ def test_the_ba_lora_term_uses_the_original_model_and_is_added_to_the_loss():
     batch = collate([encode(e, tokenizer, chat=True, max_length=64) for e in copy_examples(3)], pad_id=0)
     from tests.helpers import perturb
     perturb(model, "default")
-    regularizer = BaLoraRegularizer(model)
+    regularizer = BaLoraRegularizer()
+    regularizer.attach(model)
     outputs = supervised_outputs(model, batch)
     original = supervised_outputs(tiny_llama(), batch).logits  # the same base weights, no adapter
     torch.testing.assert_close(regularizer.reference_logits(batch), original.detach(), atol=1e-5, rtol=0)
     expected = ba_lora_terms(outputs.logits, original, rows=3)["total"]
-    torch.testing.assert_close(regularizer.loss(batch, outputs), expected, atol=1e-6, rtol=1e-5)
-    separate = BaLoraRegularizer(model, reference=tiny_llama())
-    torch.testing.assert_close(separate.loss(batch, outputs), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(regularizer.losses(batch, outputs)["ba_lora"], expected, atol=1e-6, rtol=1e-5)
+    separate = BaLoraRegularizer(reference=tiny_llama())
+    separate.attach(model)
+    torch.testing.assert_close(separate.losses(batch, outputs)["ba_lora"], expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("changes", [{"optimizer": "lora-pro"}, {"optimizer": "allora"},

@@ -11,8 +11,7 @@ from torch import nn
 from lorakit.models import head_loss
 from lorakit.models.head_loss import fusable_head, head_token_losses
 from lorakit.models.supervised_loss import logits_loss, supervised_outputs
-from tests.train.test_supervised_logits import adapted, labelled_batch, reference
-from tests.helpers import tiny_llama
+from tests.helpers import adapted, labelled_batch, reference, tiny_llama
 
 
 def frozen_head(vocab: int = 37, width: int = 8, bias: bool = True) -> nn.Linear:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,27 +11,11 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TrainConfig
-from lorakit.data.example import Example
 from lorakit.train import checkpoint as checkpoint_module
 from lorakit.train import loop as loop_module
 from lorakit.train import train
 from lorakit.train.schedule import learning_rate
-from tests.helpers import char_tokenizer, run_interrupted, tiny_llama
-
-LORA = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
-
-
-def copy_examples(n: int, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 5))) for _ in range(n)]
-    return [Example(prompt=f"Copy: {w}", completion=w) for w in words]
-
-
-def adapter_model(adapter_seed: int = 0):
-    model = tiny_llama()
-    torch.manual_seed(adapter_seed)
-    lorakit.attach(model, LORA)
-    return model
+from tests.helpers import adapter_model, char_tokenizer, copy_examples, run_interrupted, tiny_llama
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

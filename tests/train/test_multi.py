@@ -16,12 +16,16 @@ from lorakit.data.batching import collate
 from lorakit.data.encoding import encode
 from lorakit.data.example import Example
 from lorakit.data.jsonl import save_jsonl
+from lorakit.models.supervised_loss import (
+    adapter_token_counts,
+    logits_loss,
+    per_adapter_loss,
+    supervised_outputs,
+    supervised_tokens,
+)
 from lorakit.train import train
-from lorakit.models.supervised_loss import (adapter_token_counts, logits_loss, per_adapter_loss, supervised_outputs,
-                                supervised_tokens)
 from lorakit.train.multi import train_adapters
-from tests.helpers import char_tokenizer, tiny_llama
-from tests.train.test_loop import copy_examples
+from tests.helpers import char_tokenizer, copy_examples, tiny_llama
 
 LORA = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"))
 

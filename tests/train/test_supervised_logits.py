@@ -11,32 +11,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.data.encoding import IGNORE_INDEX
 from lorakit.models.supervised_loss import _body_and_head, logits_loss, row_losses, supervised_outputs
-from tests.helpers import perturb, tiny_gpt2, tiny_llama, token_batch
-
-
-def labelled_batch(rows: int = 3, length: int = 10) -> dict:
-    """Random tokens, right padding on row 1, and prompts of different lengths masked out."""
-    ids = token_batch(rows, length)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    labels = ids.clone()
-    for row, prompt in enumerate((4, 2, 6)[:rows]):
-        labels[row, :prompt] = IGNORE_INDEX
-    labels[mask == 0] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def reference(model, batch, **kwargs) -> torch.Tensor:
-    """The full (B, T, V) logits' supervised rows, the way a loss over all logits selects them."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-    return logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
-
-
-def adapted(make, config=LoraConfig(rank=4, alpha=8, targets="all-linear")):
-    model = make()
-    lorakit.attach(model, config)
-    perturb(model, "default")
-    return model
+from tests.helpers import adapted, labelled_batch, perturb, reference, tiny_gpt2, tiny_llama, token_batch
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])

@@ -4,7 +4,7 @@ Per analysed module: the singular spectrum of ``ΔW`` and its summary (:mod:`lor
 and the intruder scan of ``W_0 + ΔW`` against ``W_0`` (:mod:`lorakit.analysis.intruders`); in total the
 intruder count at ``ε`` and over a sweep of ``ε``. With ``against``, the overlap of the two updates'
 top singular subspaces per shared module (:mod:`lorakit.analysis.overlap`). The report's layout is
-:data:`lorakit.analysis.schema.SCHEMA`.
+:data:`lorakit.analysis.report_schema.SCHEMA`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lorakit.analysis.intruders import EPSILON, EPSILONS, TOP_K, scan_intruders
 from lorakit.analysis.overlap import OVERLAP_RANK, delta_overlap
-from lorakit.analysis.schema import SCHEMA_NAME, check_report
+from lorakit.analysis.report_schema import SCHEMA_NAME, check_report
 from lorakit.analysis.spectrum import spectrum_summary
 from lorakit.analysis.subjects import Subject, base_weight, load_subject
 from lorakit.errors import ConfigError

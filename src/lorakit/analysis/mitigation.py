@@ -26,6 +26,8 @@ from lorakit.analysis.analyze import IntruderSettings
 from lorakit.analysis.intruders import scan_intruders
 from lorakit.analysis.subjects import base_weight
 from lorakit.errors import ConfigError
+from lorakit.io.adapters import ADAPTER_KIND
+from lorakit.io.directory_kinds import directory_kind
 from lorakit.io.factors import ModuleFactors, read_adapter_factors, unit_scale_fields, write_factor_adapter
 from lorakit.models import DEFAULT_MODEL, load_model
 
@@ -60,6 +62,10 @@ def mitigate_intruders(adapter: str | Path, out: str | Path, *, base: str | nn.M
                                                           and not overwrite):
         raise ConfigError(f"out={str(directory)!r} is the adapter itself or not empty; choose a new directory "
                           "(or pass overwrite=True for a non-empty one)")
+    kind = directory_kind(Path(adapter))
+    if kind.name != ADAPTER_KIND:
+        raise ConfigError(f"{adapter} holds {kind.holds}: intruder mitigation rewrites a LoRA adapter's factors, "
+                          "so it takes an adapter directory")
     source = read_adapter_factors(adapter)
     base_model = load_model(base)[0] if isinstance(base, (str, Path)) else base
     factors, keys, scaled = {}, {}, {}

@@ -97,7 +97,7 @@ def markdown(report: dict) -> str:
 
 def load_report(path: str | Path) -> dict:
     """A report written by :func:`write_report` (its ``analysis.json``), checked against the schema."""
-    from lorakit.analysis.schema import check_report
+    from lorakit.analysis.report_schema import check_report
     report = json.loads((Path(path) / "analysis.json").read_text())
     check_report(report)
     return report

@@ -1,10 +1,13 @@
 """What ``lorakit analyze`` looks at: the weight updates of an adapter, or of a whole checkpoint.
 
-* A PEFT-format adapter directory (``adapter_config.json``): each Linear/Conv1D module's
+The directory's kind (:func:`lorakit.io.directory_kinds.directory_kind`, what :func:`lorakit.load` reads) says which:
+
+* An adapter (kind ``adapter``: lorakit's, PEFT's, a LoRA-GA or DyLoRA export): each Linear/Conv1D module's
   ``ΔW = s B A`` (low rank, from the factors). Embedding and Conv2d modules are listed as skipped.
-* A model directory (a full fine-tune, any Hugging Face causal LM with safetensors): each linear
-  layer of ``"all-linear"`` (the output head excluded) whose weight differs from the base's, as the
-  dense ``ΔW = W_t - W_0``.
+* A whole model (kind ``model``: a full fine-tune or a merge, any Hugging Face causal LM with safetensors):
+  each linear layer of ``"all-linear"`` (the output head excluded) whose weight differs from the base's,
+  as the dense ``ΔW = W_t - W_0``.
+* A mixture (X-LoRA, MixLoRA, MeteoRA) has no fixed update: it is refused by kind, naming how it routes.
 
 Updates are laid out like ``nn.Linear.weight`` (d_out x d_in); a GPT-2 ``Conv1D``'s (in, out) weight is
 transposed.
@@ -23,9 +26,10 @@ from lorakit.config import LoraConfig
 from lorakit.core.inject import find_targets
 from lorakit.core.kinds import Conv1DKind, kind_of
 from lorakit.errors import ConfigError
-from lorakit.io.adapters import CONFIG_FILE
+from lorakit.io.adapters import ADAPTER_KIND
+from lorakit.io.directory_kinds import directory_kind
 from lorakit.io.factors import AdapterFactors, read_adapter_factors
-from lorakit.models import load_model
+from lorakit.io.loader import load
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,15 @@ def base_weight(model: nn.Module, module: str) -> torch.Tensor:
 def load_subject(path: str | Path, base_model: nn.Module) -> Subject:
     """The adapter or model directory at ``path`` as per-module updates against ``base_model``."""
     directory = Path(path)
-    if (directory / CONFIG_FILE).is_file():
-        return _adapter_subject(directory, base_model)
-    if (directory / "config.json").is_file():
+    kind = directory_kind(directory)
+    if kind.routed is not None:
+        raise ConfigError(f"lorakit analyze cannot analyse the {kind.name} directory {path}: {kind.routed}, so it "
+                          "makes no fixed weight update; analyse each of its adapters instead")
+    if kind.whole_model:
         return _weights_subject(directory, base_model)
-    raise ConfigError(f"{path} is neither an adapter directory ({CONFIG_FILE}) nor a model directory "
-                      "(config.json + safetensors)")
+    if kind.name == ADAPTER_KIND:
+        return _adapter_subject(directory, base_model)
+    raise ConfigError(f"lorakit analyze reads adapters and whole models; {path} is {kind.holds} (kind {kind.name!r})")
 
 
 def _adapter_subject(directory: Path, base_model: nn.Module) -> Subject:
@@ -79,7 +86,7 @@ def _adapter_subject(directory: Path, base_model: nn.Module) -> Subject:
 
 
 def _weights_subject(directory: Path, base_model: nn.Module) -> Subject:
-    tuned, _ = load_model(directory)
+    tuned = load(directory).model
     deltas, skipped = {}, {}
     for module in find_targets(base_model, LoraConfig(targets="all-linear")):
         before = base_weight(base_model, module)

@@ -12,8 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
+from lorakit.analysis import IntruderSettings, analyze, mitigate_intruders, write_report
 from lorakit.analysis.intruders import EPSILON, EPSILONS, TOP_K
+from lorakit.cli.common import command
 from lorakit.errors import ConfigError
+from lorakit.models import load_model
 
 
 def _epsilons(text: str) -> tuple[float, ...]:
@@ -24,8 +27,6 @@ def _epsilons(text: str) -> tuple[float, ...]:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    from lorakit.analysis import IntruderSettings, analyze, mitigate_intruders, write_report
-    from lorakit.models import load_model
     if (args.mitigate is None) != (args.mitigated_out is None):
         raise ConfigError("--mitigate LAMBDA and --mitigated-out DIR go together")
     settings = IntruderSettings(top_k=args.top_k, epsilon=args.epsilon, epsilons=_epsilons(args.epsilons))
@@ -45,8 +46,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def add_analyze_command(commands, command) -> None:
-    """Register ``analyze``; ``command(commands, name, handler, help, base=...)`` makes the parser."""
+def register(commands) -> None:
     analyze = command(commands, "analyze", _cmd_analyze,
                       "Spectra, intruder dimensions and subspace overlap of an adapter or a fine-tuned model.")
     analyze.add_argument("path", help="an adapter directory, or a fine-tuned model directory (full fine-tuning)")

@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
+from lorakit.cli.common import command
+from lorakit.combine import combine_adapters
 from lorakit.combine.combine import MODES
 from lorakit.errors import ConfigError
 
 
 def adapter_argument(text: str) -> tuple[str, float]:
-    """``PATH`` (weight 1) or ``PATH=WEIGHT``; the weight follows the last ``=`` (write ``PATH=1`` for a
-    path that holds one)."""
+    """``PATH`` (weight 1) or ``PATH=WEIGHT``; the weight follows the last ``=``, unless ``text`` as a whole
+    is an existing path (a run directory ``runs/lr=1e-3`` is that directory at weight 1; write ``PATH=1``
+    for a path holding ``=`` that does not exist yet)."""
     path, separator, weight = text.rpartition("=")
-    if not separator:
+    if not separator or Path(text).exists():
         return text, 1.0
     try:
         value = float(weight)
@@ -32,15 +36,13 @@ def adapter_argument(text: str) -> tuple[str, float]:
 
 
 def _cmd_combine(args: argparse.Namespace) -> None:
-    from lorakit.combine import combine_adapters
     adapters = [adapter_argument(text) for text in args.adapter]
     report = combine_adapters(adapters, args.out, mode=args.mode, rank=args.rank,
                               allow_different_bases=args.allow_different_bases, overwrite=args.overwrite)
     print(json.dumps(report.to_dict(), indent=2))
 
 
-def add_combine_command(commands, command) -> None:
-    """Register ``combine``; ``command(commands, name, handler, help, base=...)`` makes the parser."""
+def register(commands) -> None:
     combine = command(commands, "combine", _cmd_combine,
                       "Combine adapters into one: sum_i w_i s_i B_i A_i per module.", base=False)
     combine.add_argument("--adapter", action="append", required=True, metavar="PATH[=WEIGHT]",

@@ -11,32 +11,34 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.cli.args import TASK_EVAL_N, add_lora_arguments, add_train_arguments, lora_config, train_config
+from lorakit.cli.common import LORA, TASK_EVAL_N, TRAIN, command
+from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
+from lorakit.eval.rank_sweep import evaluate_ranks
+from lorakit.io.adapters import load_adapter
+from lorakit.jobs.compare import compare_methods
+from lorakit.jobs.compare_report import results_table
+from lorakit.jobs.continual import continual_finetune
+from lorakit.jobs.method_runs import DEFAULT_METHODS, PRESETS
+from lorakit.methods.dylora import truncate_adapter
+from lorakit.models import load_model
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from lorakit.jobs.compare import compare_methods
+def _compare(args: argparse.Namespace) -> None:
     flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     results = compare_methods(args.data, args.out, methods=args.methods.split(","), train_flags=flags,
                               eval_n=args.eval_n, target_loss=args.target_loss, base=args.base)
-    from lorakit.jobs.compare_report import results_table
     print(results_table(results, args.target_loss))
 
 
-def _cmd_dylora(args: argparse.Namespace) -> None:
+def _dylora(args: argparse.Namespace) -> None:
     if args.action == "export":
         if args.rank is None or args.out is None:
             raise ConfigError("lorakit dylora export needs --rank and --out")
-        from lorakit.methods.dylora import truncate_adapter
         print(truncate_adapter(args.adapter, args.rank, args.out))
         return
     if args.data is None:
         raise ConfigError("lorakit dylora eval needs --data (a JSONL file or task:NAME)")
-    from lorakit.data.source import load_examples
-    from lorakit.io.adapters import load_adapter
-    from lorakit.eval.rank_sweep import evaluate_ranks
-    from lorakit.models import load_model
     model, tokenizer = load_model(args.base)
     load_adapter(model, args.adapter)
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
@@ -45,26 +47,24 @@ def _cmd_dylora(args: argparse.Namespace) -> None:
     print(json.dumps({str(rank): result.metrics() for rank, result in results.items()}, indent=2))
 
 
-def _cmd_continual(args: argparse.Namespace) -> None:
-    from lorakit.jobs.continual import continual_finetune
-    result = continual_finetune(args.tasks.split(","), args.out, base=args.base, lora=lora_config(args),
-                                config=train_config(args), n=args.n, eval_n=args.eval_n, progress=not args.quiet)
+def _continual(args: argparse.Namespace) -> None:
+    result = continual_finetune(args.tasks.split(","), args.out, base=args.base, lora=LORA.build(args),
+                                config=TRAIN.build(args), n=args.n, eval_n=args.eval_n, progress=not args.quiet)
     print(json.dumps(result.to_dict()))
 
 
-def add_method_commands(commands, command) -> None:
-    """Register the subcommands; ``command(commands, name, handler, help, base=...)`` makes each parser."""
-    compare = command(commands, "compare", _cmd_compare, "Train several methods with one budget and compare them.")
+def register(commands) -> None:
+    compare = command(commands, "compare", _compare, "Train several methods with one budget and compare them.")
     compare.add_argument("--data", required=True, help="a JSONL file or task:NAME")
     compare.add_argument("--out", required=True, help="directory: one run per method, results.json, methods.md, "
                                                       "loss_curves.png")
-    compare.add_argument("--methods", default="lora,rslora,lora-ga,eva,dylora,lora-pro,allora,ba-lora",
-                         help="comma-separated (default: %(default)s; also: codyra, mixlora)")
+    compare.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                         help=f"comma-separated, of {', '.join(PRESETS)} (default: %(default)s)")
     compare.add_argument("--eval-n", type=int, default=50, help="held-out examples scored per method")
     compare.add_argument("--target-loss", type=float, default=0.5, help="report the steps to reach this loss")
     compare.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for every lorakit train")
 
-    dylora = command(commands, "dylora", _cmd_dylora, "Evaluate a DyLoRA adapter at several ranks, or export one rank.")
+    dylora = command(commands, "dylora", _dylora, "Evaluate a DyLoRA adapter at several ranks, or export one rank.")
     dylora.add_argument("action", choices=["eval", "export"])
     dylora.add_argument("--adapter", required=True)
     dylora.add_argument("--data", default=None, help="eval: a JSONL file or task:NAME")
@@ -74,13 +74,11 @@ def add_method_commands(commands, command) -> None:
     dylora.add_argument("--rank", type=int, default=None, help="export: the rank to keep")
     dylora.add_argument("--out", default=None, help="export: the new adapter directory")
 
-    continual = command(commands, "continual", _cmd_continual,
-                        "Train a sequence of built-in tasks one after another (CoDyRA's protocol).")
+    continual = command(commands, "continual", _continual,
+                        "Train a sequence of built-in tasks one after another (CoDyRA's protocol).",
+                        configs=(LORA, TRAIN))
     continual.add_argument("--tasks", required=True, help="comma-separated built-in task names, in order")
     continual.add_argument("--out", required=True, help="directory: one adapter per task and continual.json")
     continual.add_argument("--n", type=int, default=None, help="training examples per task (default: 1000)")
     continual.add_argument("--eval-n", type=int, default=50, help="held-out examples per task")
     continual.add_argument("--quiet", action="store_true")
-    add_lora_arguments(continual)
-    add_train_arguments(continual)
-

@@ -3,28 +3,40 @@
 A :class:`LayerKind` knows, for one base-layer type, the shapes of ``A`` and ``B``, how to initialise
 them, the two halves of the adapter path (``down``: input -> rank-r code; ``up``: code -> output
 delta), and the dense weight delta ``B A`` in the base weight's own layout (for merging).
-Supported: ``nn.Linear``, GPT-2 style ``Conv1D`` (weight stored in x out), ``nn.Embedding`` and
+Built in: ``nn.Linear``, GPT-2 style ``Conv1D`` (weight stored in x out), ``nn.Embedding`` and
 ``nn.Conv2d``. Shapes follow PEFT so that adapters load in either library unchanged.
+
+Kinds live in a registry keyed by module type: :func:`register_kind` lets packages above core add
+theirs (quantized layers register themselves when imported; core never imports them), and
+:func:`kind_of` picks the kind of the most specific registered type in a module's class hierarchy,
+so a subclass of ``nn.Linear`` is a Linear unless it registered a kind of its own.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import TargetError
+from lorakit.errors import ConfigError, TargetError
 
 
 class LayerKind(ABC):
-    """The LoRA arithmetic for one base-layer type."""
+    """The LoRA arithmetic for one base-layer type; a new type gets a subclass and :func:`register_kind`."""
 
     name: str
     peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     """The suffixes PEFT uses for A and B of this kind in ``adapter_model.safetensors``."""
+
+    all_linear = False
+    """Whether ``targets="all-linear"`` picks modules of this kind."""
+
+    def check(self, base: nn.Module, name: str) -> None:  # noqa: B027  (a hook: by default every module is fine)
+        """Raise a :class:`TargetError` if module ``name`` is configured in a way this kind cannot adapt."""
 
     @abstractmethod
     def shapes(self, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -65,6 +77,7 @@ class LinearKind(LayerKind):
     """``nn.Linear``: ``A`` is (r, in), ``B`` is (out, r); ``delta = x A^T B^T``."""
 
     name = "Linear"
+    all_linear = True
 
     def shapes(self, base, rank):
         return (rank, base.in_features), (base.out_features, rank)
@@ -140,6 +153,11 @@ class Conv2dKind(LayerKind):
 
     name = "Conv2d"
 
+    def check(self, base, name):
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise TargetError(f"module {name!r} is an nn.Conv2d with groups={base.groups} and "
+                              f"padding_mode={base.padding_mode!r}; lorakit supports groups=1 and 'zeros'")
+
     def shapes(self, base, rank):
         return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
 
@@ -156,41 +174,72 @@ class Conv2dKind(LayerKind):
         return torch.einsum("or,rihw->oihw", B.flatten(1), A)
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the core works on plain torch models too
-        return None
-    return Conv1D
+@dataclass(frozen=True)
+class _Registered:
+    kind: type[LayerKind]
+    label: str
+
+
+_KINDS: dict[str, _Registered] = {}
+"""Module type (``module.QualName``) -> its kind, in registration order."""
+
+
+def _type_name(module_type: type) -> str:
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def register_kind(module_type: type | str, kind: type[LayerKind], *, label: str | None = None) -> None:
+    """Adapt modules of ``module_type``, and of its subclasses that have no kind of their own, with ``kind``.
+
+    ``module_type`` may be its qualified name (``"transformers.pytorch_utils.Conv1D"``), so that
+    registering never imports the package defining it. ``label`` names the type in errors (default:
+    the class name). Registering the same kind again changes nothing; another kind is refused.
+    """
+    key = module_type if isinstance(module_type, str) else _type_name(module_type)
+    known = _KINDS.get(key)
+    if known is not None and known.kind is not kind:
+        raise ConfigError(f"module type {key} already has the layer kind {known.kind.__name__}; "
+                          f"cannot register {kind.__name__} for it too")
+    _KINDS[key] = _Registered(kind, label or key.rpartition(".")[2])
+
+
+def known_kinds() -> list[str]:
+    """The labels of the module types lorakit can adapt, in registration order."""
+    return [registered.label for registered in _KINDS.values()]
+
+
+def _registered_kind(module: nn.Module) -> type[LayerKind] | None:
+    for module_type in type(module).__mro__:  # most specific first
+        registered = _KINDS.get(_type_name(module_type))
+        if registered is not None:
+            return registered.kind
+    return None
 
 
 def kind_of(module: nn.Module, name: str) -> LayerKind:
-    """The :class:`LayerKind` of ``module``; a :class:`TargetError` names unsupported types."""
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return Conv1DKind()
-    if isinstance(module, nn.Linear):
-        return LinearKind()
-    if isinstance(module, nn.Embedding):
-        return EmbeddingKind()
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            raise TargetError(f"module {name!r} is an nn.Conv2d with groups={module.groups} and "
-                              f"padding_mode={module.padding_mode!r}; lorakit supports groups=1 and 'zeros'")
-        return Conv2dKind()
-    raise TargetError(f"module {name!r} has type {type(module).__name__}, which lorakit cannot adapt; "
-                      f"supported types: {', '.join(SUPPORTED_TYPES)}")
-
-
-SUPPORTED_TYPES = ("nn.Linear", "Conv1D (transformers)", "nn.Embedding", "nn.Conv2d")
+    """The :class:`LayerKind` of ``module`` (named ``name`` in errors); a :class:`TargetError` names an
+    unsupported type and lists the known ones."""
+    kind = _registered_kind(module)
+    if kind is None:
+        raise TargetError(f"module {name!r} has type {type(module).__name__}, which lorakit cannot adapt; "
+                          f"supported types: {', '.join(known_kinds())}")
+    instance = kind()
+    instance.check(module, name)
+    return instance
 
 
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer in the sense of ``"all-linear"`` (Linear or Conv1D)."""
-    conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    kind = _registered_kind(module)
+    return kind is not None and kind.all_linear
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether lorakit can wrap ``module``."""
-    return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
+    """Whether lorakit has a kind for ``module``'s type."""
+    return _registered_kind(module) is not None
+
+
+register_kind(nn.Linear, LinearKind, label="nn.Linear")
+register_kind("transformers.pytorch_utils.Conv1D", Conv1DKind, label="Conv1D (transformers)")
+register_kind(nn.Embedding, EmbeddingKind, label="nn.Embedding")
+register_kind(nn.Conv2d, Conv2dKind, label="nn.Conv2d")

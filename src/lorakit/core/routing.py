@@ -36,10 +36,10 @@ class StaticRouting:
             raise ConfigError(f"weights has {len(weights)} entries for {len(names)} adapters {list(names)}")
         if len(set(names)) != len(names):
             raise ConfigError(f"adapter names repeat in {list(names)}")
-        for name, weight in zip(names, weights):
+        for name, weight in zip(names, weights, strict=True):
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ConfigError(f"weight {weight!r} for adapter {name!r} is not a finite number")
-        return cls({name: float(w) for name, w in zip(names, weights)})
+        return cls({name: float(w) for name, w in zip(names, weights, strict=True)})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Tensors derived from adapters' factors, kept while none of those factors changes.
 
 Stacking many adapters' factors (mixtures, mixed batches) costs a copy per call; without autograd
-the stack is reused until a parameter's in-place version counter moves, a parameter is replaced, or
-an adapter's nested rank changes. With autograd the stack is always rebuilt, so gradients flow.
+the stack is reused while its key is unchanged. The key holds everything the factors' values depend
+on: each parameter's identity, storage, in-place version counter, dtype and device (``model.to(...)``
+and ``p.data = ...`` keep the parameter object and its version but replace its storage), and each
+adapter's nested rank and scale. With autograd the stack is always rebuilt, so gradients flow.
+
+Writes through ``p.data`` bypass the version counter (PyTorch gives ``.data`` a counter of its own):
+update parameters in place under ``torch.no_grad()`` instead, as optimizers do.
 """
 
 from __future__ import annotations
@@ -18,15 +23,23 @@ T = TypeVar("T")
 
 
 def factors_key(adapters: Sequence[LoraAdapter]) -> tuple:
-    """What identifies the current factors of ``adapters``: each parameter's identity and version, and
-    each adapter's nested rank."""
-    return tuple((tuple((id(p), p._version) for p in a.parameters()), a.nested) for a in adapters)
+    """What identifies the current factors of ``adapters`` (see the module docstring)."""
+    return tuple((_parameters_key(a), a.nested, a.scale, a.alpha, a.rslora) for a in adapters)
 
 
-def cached_without_grad(cache: dict, slot: str, key: Hashable, build: Callable[[], T]) -> T:
-    """``build()``, reused from ``cache[slot]`` while ``key`` is unchanged and autograd is off."""
+def _parameters_key(adapter: LoraAdapter) -> tuple:
+    # A, B and CoDyRA's gate straight from _parameters: parameters() alone costs more than this whole key
+    return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device)
+                 for p in adapter._parameters.values() if p is not None)
+
+
+def cached_stack(cache: dict, slot: str, adapters: Sequence[LoraAdapter], build: Callable[[], T],
+                 extra: Hashable = ()) -> T:
+    """``build()``, reused from ``cache[slot]`` while autograd is off and neither the factors of ``adapters``
+    (:func:`factors_key`) nor ``extra`` (what else the stack depends on) changed."""
     if torch.is_grad_enabled():
         return build()
+    key = (extra, factors_key(adapters))
     cached = cache.get(slot)
     if cached is None or cached[0] != key:
         cached = cache[slot] = (key, build())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +22,22 @@ from lorakit.eval.exact_match import EvalResult, evaluate
 from lorakit.models import DEFAULT_MODEL, load_model
 from lorakit.train import train
 
-DEMO_TASK = "date"
 DEMO_LORA = LoraConfig(rank=16, alpha=32, targets="all-linear")
-DEMO_TRAINING = TrainConfig(steps=60, batch_size=8, lr=1e-3, log_every=10, seed=0)
+DEMO_TRAINING = TrainConfig(steps=60, batch_size=8, lr=1e-3, log_every=10, seed=0, keep_freed_memory=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraDemo:
+    """One LoRA adapter against the base model on a built-in task (the default demo; a few minutes)."""
+
+    task: str = "date"
+    """The built-in task to train and score (lorakit tasks list)."""
+    steps: int = DEMO_TRAINING.steps
+    """Optimizer steps of batch 8 at learning rate 1e-3."""
+    test_n: int = 100
+    """Held-out examples scored by the base model and by the adapter."""
+    out: str | None = None
+    """Where the adapter goes; None: a new temporary directory."""
 
 
 @dataclass
@@ -38,22 +51,22 @@ class DemoResult:
     adapter_dir: Path
 
 
-def run_demo(*, task: str | None = None, steps: int | None = None, out: str | Path | None = None,
-             test_n: int | None = None, base: str = DEFAULT_MODEL, report=print) -> DemoResult:
-    """Run the demo and print (through ``report``) a comparison; returns the numbers."""
-    task_name = task or DEMO_TASK
-    spec = get_task(task_name)
-    config = TrainConfig(**{**DEMO_TRAINING.__dict__, "steps": steps or DEMO_TRAINING.steps})
+def run_demo(demo: LoraDemo = LoraDemo(), *, base: str = DEFAULT_MODEL, report=print, **changes) -> DemoResult:
+    """Run the demo (``demo`` with ``changes``, e.g. ``steps=20``) and print (through ``report``) a comparison;
+    returns the numbers."""
+    demo = replace(demo, **changes)
+    spec = get_task(demo.task)
+    config = replace(DEMO_TRAINING, steps=demo.steps)
     train_examples = spec.examples("train", config.steps * config.batch_size)
-    test_examples = spec.examples("test", test_n or 100)
-    report(f"lorakit demo: task {task_name!r} ({spec.description}); model {base}")
+    test_examples = spec.examples("test", demo.test_n)
+    report(f"lorakit demo: task {demo.task!r} ({spec.description}); model {base}")
     model, tokenizer = load_model(base)
     torch.manual_seed(config.seed)
     attach(model, DEMO_LORA)
     with disabled(model):
         base_result = evaluate(model, tokenizer, test_examples, progress=True)
     report(f"base model:    exact match {base_result.exact_match:6.1%} on {base_result.n} held-out examples")
-    adapter_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lorakit-demo-"))
+    adapter_dir = Path(demo.out) if demo.out is not None else Path(tempfile.mkdtemp(prefix="lorakit-demo-"))
     started = time.perf_counter()
     train(model, tokenizer, train_examples, config, out_dir=adapter_dir, overwrite=True)
     seconds = time.perf_counter() - started
@@ -63,4 +76,4 @@ def run_demo(*, task: str | None = None, steps: int | None = None, out: str | Pa
     example = test_examples[0]
     report(f"example: {example.prompt!r}\n  base: {base_result.predictions[0]!r}\n  adapter: "
            f"{adapted.predictions[0]!r}\n  expected: {example.answer!r}")
-    return DemoResult(task_name, base_result, adapted, seconds, adapter_dir)
+    return DemoResult(demo.task, base_result, adapted, seconds, adapter_dir)

@@ -1,1 +1,2 @@
-"""Adapters on disk in the PEFT format, and safe file IO."""
+"""Directories on disk: PEFT-format adapters, ``lorakit.json`` and the registry of directory kinds behind
+:func:`lorakit.load`, and safe file IO."""

@@ -22,12 +22,14 @@ from lorakit.core.lifecycle import attach, check_adapter_name
 from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, FormatError, TargetError
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
+from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+ADAPTER_KIND = "adapter"  # lorakit.json's kind for every PEFT-format adapter lorakit writes
 
 
 def _resolve_name(model: nn.Module, name: str | None) -> str:
@@ -80,9 +82,17 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     config = to_peft_dict(record.config, record.modules, base_model=base_model_name(model),
                           task_type=task_type(model),
                           fan_in_fan_out=any(isinstance(layer.kind, Conv1DKind) for layer in layers))
-    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(adapter_tensors(model, name)),
-                          directory / CONFIG_FILE: json_writer(config)})
+    write_adapter_files(directory, adapter_tensors(model, name), config)
     return directory
+
+
+def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
+                        origin: str | None = None) -> None:
+    """Write an adapter's tensors, ``adapter_config.json`` and ``lorakit.json`` (kind ``adapter``, with
+    ``origin`` if given) to ``directory``, all atomically together (see :func:`save_adapter`)."""
+    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
+                          directory / CONFIG_FILE: json_writer(config),
+                          directory / METADATA_FILE: metadata_writer(ADAPTER_KIND, origin)})
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> tuple[LoraConfig, dict, dict[str, torch.Tensor]]:
@@ -167,7 +177,8 @@ def _drop_unchanged_base_weights(tensors: dict[str, torch.Tensor], model: nn.Mod
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise FormatError(f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FormatError(f"{source}: missing tensor {missing[0]!r}{more}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise FormatError(f"{source}: tensor {unexpected[0]!r} belongs to no targeted module of this model"

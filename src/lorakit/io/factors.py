@@ -19,8 +19,7 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, FormatError
-from lorakit.io.adapters import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, read_adapter
-from lorakit.io.files import json_writer, tensor_writer, write_all_atomically
+from lorakit.io.adapters import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, read_adapter, write_adapter_files
 
 # The tensor-name suffixes of a module's (A, B) pair: linear-like layers, embeddings.
 FACTOR_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
@@ -123,13 +122,12 @@ def unit_scale_fields(ranks: dict[str, int]) -> dict:
 def write_factor_adapter(directory: Path, factors: dict[str, Factors], keys: dict[str, tuple[str, str]],
                          config: dict) -> None:
     """Write ``factors`` (module -> (A, B), saved under the module's PEFT ``keys``) as float32 with
-    ``config`` as ``adapter_config.json``, both files atomically; float32 overflow is refused first."""
+    ``config`` as ``adapter_config.json`` (and ``lorakit.json``), all atomically; float32 overflow is refused first."""
     tensors = {}
     for module, pair in factors.items():
-        for key, value in zip(keys[module], pair):
+        for key, value in zip(keys[module], pair, strict=True):
             single = value.float().contiguous()
             if not torch.isfinite(single).all():
                 raise ConfigError(f"the new {key} of module {module!r} overflows float32; use smaller weights")
             tensors[f"{KEY_PREFIX}{module}.{key}"] = single
-    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
-                          directory / CONFIG_FILE: json_writer(config)})
+    write_adapter_files(directory, tensors, config)

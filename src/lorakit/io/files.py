@@ -59,7 +59,8 @@ def write_all_atomically(writes: Mapping[Path, Callable[[Path], None]]) -> None:
             write(stack.enter_context(atomic_path(path)))
 
 
-def tensor_writer(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[Path], None]:
+def tensor_writer(tensors: Mapping[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> Callable[[Path], None]:
     """A writer of ``tensors`` as safetensors (contiguous CPU copies; PEFT's ``format: pt`` metadata)."""
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return lambda tmp: save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})})

@@ -60,13 +60,12 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n, init=init,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config)))
-    # The base weights move under LoRA-GA and full fine-tuning: a regularizer compares with a fresh copy.
-    moved_base = config.full or init == "lora-ga"
-    reference = load_model(base)[0] if config.regularizer is not None and moved_base else None
+    if prepared.moves_base and config.regularizer == "ba-lora" and "ba_lora_reference" not in config.options:
+        # LoRA-GA moved the base: BA-LoRA compares with the model as it starts (offset base + initial adapter).
+        config = dataclasses.replace(config, options={**config.options, "ba_lora_reference": "snapshot"})
     # The directory was checked above and now holds this run's own files, which train() must not refuse.
-    return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
-                 resume=out if resume else None, overwrite=True, progress=progress, save=prepared.save,
-                 reference=reference)
+    return train(model, tokenizer, examples, config, components=prepared.components, out_dir=out,
+                 eval_examples=eval_examples, resume=out if resume else None, overwrite=True, progress=progress)
 
 
 def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = DEFAULT_MODEL,

@@ -1,4 +1,4 @@
-"""``lorakit generate``: completions of prompts by a base model, alone or with an adapter."""
+"""``lorakit generate``: completions of prompts by a base model, alone or with any directory lorakit loads."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 
 from lorakit.eval.generate import generate
 from lorakit.jobs.evaluate import model_with_adapter
-from lorakit.models import DEFAULT_MODEL
 
 
-def complete(prompts: list[str], *, base: str = DEFAULT_MODEL, adapter: str | Path | None = None,
+def complete(prompts: list[str], *, base: str | None = None, adapter: str | Path | None = None,
              **options: Any) -> list[str]:
-    """Generate a completion of each prompt with the base model, or with ``adapter``."""
+    """Generate a completion of each prompt with the base model, or with the directory ``adapter`` (any kind;
+    on ``base``, or None: the base it records)."""
     model, tokenizer = model_with_adapter(base, adapter)
     return generate(model, tokenizer, prompts, **options)

@@ -5,15 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.core.merge import merge_and_unload
-from lorakit.jobs.evaluate import model_with_adapter
-from lorakit.models import DEFAULT_MODEL
+from lorakit.errors import ConfigError
+from lorakit.io.directory_kinds import directory_kind
+from lorakit.jobs.evaluate import load_directory
+from lorakit.train.output import save_model
 
 
-def merge_into_model(adapter: str | Path, out: str | Path, *, base: str = DEFAULT_MODEL) -> Path:
-    """Write ``base`` with ``adapter`` merged into its weights (safetensors, with the tokenizer) to ``out``."""
-    model, tokenizer = model_with_adapter(base, adapter)
-    merged = merge_and_unload(model)
+def merge_into_model(adapter: str | Path, out: str | Path, *, base: str | None = None) -> Path:
+    """Write ``base`` (None: the base the adapter records) with the adapter directory ``adapter`` merged into its
+    weights (safetensors, with the tokenizer and ``lorakit.json``, kind ``model``) to ``out``.
+
+    Only a fixed weight update merges: a mixture (its adapters are routed per token) and a whole model (no
+    adapter to fold in) are refused by kind, before any model is loaded."""
+    kind = directory_kind(adapter)
+    if kind.routed is not None:
+        raise ConfigError(f"lorakit merge cannot merge the {kind.name} directory {adapter}: {kind.routed}")
+    if kind.whole_model:
+        raise ConfigError(f"lorakit merge cannot merge the {kind.name} directory {adapter}: it is a whole model "
+                          "already, with no adapter to fold into a base")
+    loaded, tokenizer = load_directory(adapter, base)
     out = Path(out)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_model(merge_and_unload(loaded.model), tokenizer, out, origin=f"merge of {adapter}")
     return out

@@ -1,30 +1,33 @@
 """MeteoRA jobs on a named base model: train the gates over task adapters, load, evaluate.
 
-A run directory holds the gates (:func:`save_meteora`) and ``meteora_run.json`` (the task adapters'
-paths, in gate order, the data and the settings), so ``lorakit meteora eval`` can rebuild the model.
+A run directory holds the gates and where the task adapters live (:func:`save_meteora`, so
+:func:`lorakit.load` rebuilds the model) and ``meteora_run.json`` (the run's inputs: the adapters' paths
+in gate order, the data and the settings).
 The training data's ``"task"`` field names, for each example, the adapter its gates should pick.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.eval.composite import CompositeResult, composite_examples, evaluate_composite
 from lorakit.config import TrainConfig
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError, DataError
+from lorakit.eval.composite import CompositeResult, composite_examples, evaluate_composite
 from lorakit.eval.exact_match import EvalResult, evaluate
 from lorakit.io.adapters import load_adapter
+from lorakit.io.directory_kinds import get_kind
 from lorakit.io.files import save_json
+from lorakit.jobs.evaluate import load_directory
+from lorakit.methods.component import WritesResult
 from lorakit.mixtures.meteora.config import MeteoraConfig
 from lorakit.mixtures.meteora.model import MeteoraModel
-from lorakit.mixtures.meteora.storage import load_meteora, save_meteora
+from lorakit.mixtures.meteora.storage import METEORA_KIND, save_meteora
 from lorakit.mixtures.meteora.task_loss import MeteoraTaskLoss
 from lorakit.models import DEFAULT_MODEL, load_model
 from lorakit.train.loop import TrainResult, train
@@ -61,23 +64,20 @@ def train_meteora(data: str, out: str | Path, adapters: Mapping[str, str | Path]
     def save(directory: Path) -> None:
         save_json(directory / RUN_FILE, {"adapters": paths, "data": data, "base": base, "n": n,
                                          "config": dataclasses.asdict(config)})
-        save_meteora(xmodel, directory)
+        save_meteora(xmodel, directory, adapter_paths=adapters)
 
     return train(xmodel, tokenizer, examples, config, out_dir=out, overwrite=True, progress=progress,
-                 extensions=[MeteoraTaskLoss(xmodel)], save=save)
+                 components=[MeteoraTaskLoss(xmodel), WritesResult(save)])
 
 
 def load_meteora_model(path: str | Path, *, base: str | None = None) -> tuple[MeteoraModel, Any]:
-    """The MeteoRA model saved at ``path`` (its base and task adapters as recorded), in eval mode."""
-    run = Path(path) / RUN_FILE
-    if not run.is_file():
-        raise ConfigError(f"{path} holds no {RUN_FILE}; it is not a lorakit MeteoRA run")
-    recorded = json.loads(run.read_text())
-    model, tokenizer = load_model(base or recorded["base"])
-    _load_adapters(model, dict(recorded["adapters"]), trainable=False)
-    xmodel = load_meteora(model, path)
-    xmodel.eval()
-    return xmodel, tokenizer
+    """The MeteoRA model saved at ``path`` (through :func:`lorakit.load`: its task adapters as recorded) on
+    ``base`` (None: the base it records), in eval mode; another kind of directory is refused by name."""
+    loaded, tokenizer = load_directory(path, base)
+    if loaded.kind != METEORA_KIND:
+        raise ConfigError(f"{path} holds {get_kind(loaded.kind).holds} (kind {loaded.kind!r}), not a MeteoRA model; "
+                          "lorakit eval takes any kind (--adapter)")
+    return loaded.model, tokenizer
 
 
 def evaluate_meteora(path: str | Path, data: str, *, base: str | None = None, split: str = "test",

@@ -16,10 +16,13 @@ from lorakit.errors import ConfigError
 from lorakit.eval.exact_match import EvalResult, evaluate
 from lorakit.eval.generate import generate
 from lorakit.io.adapters import load_adapter
+from lorakit.io.directory_kinds import get_kind
 from lorakit.io.files import save_json
+from lorakit.jobs.evaluate import load_directory
+from lorakit.methods.component import WritesResult
 from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
-from lorakit.mixtures.xlora.storage import load_xlora, save_xlora
+from lorakit.mixtures.xlora.storage import XLORA_KIND, save_xlora
 from lorakit.models import DEFAULT_MODEL, load_model
 from lorakit.train.loop import TrainResult, train
 
@@ -56,7 +59,7 @@ def train_xlora(data: str, out: str | Path, experts: Mapping[str, str | Path], *
                                    "bundle": bundle})
     return train(model, tokenizer, examples, config, out_dir=out, eval_examples=eval_examples,
                  resume=out if resume else None, overwrite=True, progress=progress,
-                 save=lambda directory: save_xlora(model, directory, experts, bundle=bundle))
+                 components=[WritesResult(lambda directory: save_xlora(model, directory, experts, bundle=bundle))])
 
 
 def resume_xlora(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
@@ -71,15 +74,17 @@ def resume_xlora(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
                        bundle=args["bundle"], progress=progress, resume=True)
 
 
-def load_xlora_model(path: str | Path, *, base: str = DEFAULT_MODEL) -> tuple[XLoraModel, Any]:
-    """The saved X-LoRA model at ``path`` on ``base``, with the tokenizer, in eval mode."""
-    model, tokenizer = load_model(base)
-    xmodel = load_xlora(model, path)
-    xmodel.eval()
-    return xmodel, tokenizer
+def load_xlora_model(path: str | Path, *, base: str | None = None) -> tuple[XLoraModel, Any]:
+    """The saved X-LoRA model at ``path`` (through :func:`lorakit.load`) on ``base`` (None: the base it
+    records), with the tokenizer, in eval mode; another kind of directory is refused by name."""
+    loaded, tokenizer = load_directory(path, base)
+    if loaded.kind != XLORA_KIND:
+        raise ConfigError(f"{path} holds {get_kind(loaded.kind).holds} (kind {loaded.kind!r}), not an X-LoRA model; "
+                          "lorakit eval and lorakit generate take any kind (--adapter)")
+    return loaded.model, tokenizer
 
 
-def evaluate_xlora(path: str | Path, data: str, *, base: str = DEFAULT_MODEL, split: str = "test",
+def evaluate_xlora(path: str | Path, data: str, *, base: str | None = None, split: str = "test",
                    n: int | None = None, batch_size: int = 16, progress: bool = False) -> EvalResult:
     """Exact match, loss and perplexity of the saved X-LoRA model on ``data``."""
     xmodel, tokenizer = load_xlora_model(path, base=base)
@@ -87,7 +92,7 @@ def evaluate_xlora(path: str | Path, data: str, *, base: str = DEFAULT_MODEL, sp
                     progress=progress)
 
 
-def generate_xlora(path: str | Path, prompts: list[str], *, base: str = DEFAULT_MODEL,
+def generate_xlora(path: str | Path, prompts: list[str], *, base: str | None = None,
                    reuse_prompt_scalings: bool = False, **options: Any) -> list[str]:
     """Completions from the saved X-LoRA model (both passes cached; optionally one pass per new token)."""
     xmodel, tokenizer = load_xlora_model(path, base=base)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.core.state import lora_layers, model_state
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.methods.component import TrainingExtension
+from lorakit.methods.component import TrainingComponent
 
 
 def _gated(model: nn.Module, name: str):
@@ -97,18 +97,22 @@ def prune_gates(model: nn.Module, name: str = "default") -> dict[str, int]:
     return ranks
 
 
-class CodyraSchedule(TrainingExtension):
+class CodyraSchedule(TrainingComponent):
     """Adds the gates when the run starts, soft-thresholds them after each sparse-phase step and prunes
     them when the run finishes."""
 
-    def __init__(self, model: nn.Module, *, max_kappa: float = 5e-3, dense_fraction: float = 0.5,
-                 stages: int = 50, name: str = "default", seed: int = 0) -> None:
+    def __init__(self, *, max_kappa: float = 5e-3, dense_fraction: float = 0.5, stages: int = 50,
+                 name: str = "default", seed: int = 0) -> None:
         if not (max_kappa >= 0 and 0 <= dense_fraction <= 1 and isinstance(stages, int) and stages >= 1):
             raise ConfigError(f"CoDyRA needs codyra_max_kappa >= 0 (got {max_kappa}), codyra_dense_fraction in "
                               f"[0, 1] (got {dense_fraction}) and integer codyra_stages >= 1 (got {stages})")
-        self.model, self.name = model, name
+        self.name, self.seed = name, seed
         self.max_kappa, self.dense_fraction, self.stages = max_kappa, dense_fraction, stages
-        add_gates(model, name, seed=seed)
+        self.model: nn.Module | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.model = model
+        add_gates(model, self.name, seed=self.seed)
 
     def after_step(self, step: int, total: int) -> None:
         threshold = threshold_at(step, total, max_kappa=self.max_kappa, dense_fraction=self.dense_fraction,

@@ -22,9 +22,8 @@ from torch import nn
 from lorakit.core.adapter import NestedRank
 from lorakit.core.state import lora_layers
 from lorakit.errors import AdapterError, ConfigError, StateError
-from lorakit.io.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
-from lorakit.io.files import json_writer, tensor_writer, write_all_atomically
-from lorakit.methods.component import TrainingExtension
+from lorakit.io.adapters import read_adapter, write_adapter_files
+from lorakit.methods.component import TrainingComponent
 
 
 
@@ -68,13 +67,17 @@ def sample_rank(seed: int, step: int, rank: int) -> int:
     return int(torch.randint(1, rank + 1, (1,), generator=generator))
 
 
-class DyLoraSampler(TrainingExtension):
+class DyLoraSampler(TrainingComponent):
     """Samples the step's rank before it and restores the full rank after it (so evaluation between
     steps, and the saved adapter, see the whole adapter)."""
 
-    def __init__(self, model: nn.Module, *, seed: int, frozen: bool = False, name: str = "default") -> None:
-        self.model, self.seed, self.frozen, self.name = model, seed, frozen, name
-        self.rank = max_rank(model, name)
+    def __init__(self, *, seed: int, frozen: bool = False, name: str = "default") -> None:
+        self.seed, self.frozen, self.name = seed, frozen, name
+        self.model: nn.Module | None = None
+        self.rank = 0
+
+    def attach(self, model: nn.Module) -> None:
+        self.model, self.rank = model, max_rank(model, self.name)
 
     def before_step(self, step: int, total: int) -> None:
         set_nested_rank(self.model, sample_rank(self.seed, step, self.rank), frozen=self.frozen, name=self.name)
@@ -96,6 +99,6 @@ def truncate_adapter(path: str | Path, rank: int, out: str | Path) -> Path:
     raw = {**raw, "r": min(rank, config.rank),
            "rank_pattern": {key: min(rank, value) for key, value in (raw.get("rank_pattern") or {}).items()}}
     directory = Path(out)
-    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer({k: v.contiguous() for k, v in truncated.items()}),
-                          directory / CONFIG_FILE: json_writer(raw)})
+    write_adapter_files(directory, {k: v.contiguous() for k, v in truncated.items()}, raw,
+                        origin=f"dylora export at rank {rank}")
     return directory

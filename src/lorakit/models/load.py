@@ -13,8 +13,9 @@ from lorakit.errors import ModelError
 from lorakit.models import smollm2
 
 DEFAULT_MODEL = "smollm2-135m"
-#: Names of the default model, compared case-insensitively.
-_DEFAULT_NAMES = frozenset({DEFAULT_MODEL, "smollm2-135m-instruct"})
+#: Names of the default model, compared case-insensitively; its hub id (which adapters trained on it record)
+#: is served from the local package, since nothing is downloaded.
+_DEFAULT_NAMES = frozenset({DEFAULT_MODEL, "smollm2-135m-instruct", smollm2.HUB_ID.lower()})
 
 
 def load_model(

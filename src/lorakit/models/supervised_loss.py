@@ -25,6 +25,7 @@ from torch import nn
 
 from lorakit.core.activation import mixed_batch
 from lorakit.core.layer import LoraLayer
+from lorakit.core.records import Records, recording
 from lorakit.data.encoding import IGNORE_INDEX
 from lorakit.models.head_loss import fusable_head, head_token_losses
 
@@ -35,13 +36,15 @@ HEAD_ON_LAST_HIDDEN = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "
 class SupervisedLogits:
     """The M positions whose next token carries a loss: their targets, batch rows, and their logits
     ``(M, V)``, computed on first use from the hidden states and the head when those are what the forward
-    kept (then :func:`token_losses` can skip the logits altogether, :mod:`lorakit.models.head_loss`)."""
+    kept (then :func:`token_losses` can skip the logits altogether, :mod:`lorakit.models.head_loss`);
+    ``records``: what the forward recorded for the losses (:mod:`lorakit.core.records`, e.g. router logits)."""
 
     def __init__(self, targets: torch.Tensor, rows: torch.Tensor, batch_size: int, *,
                  logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                 head: nn.Module | None = None) -> None:
+                 head: nn.Module | None = None, records: Records | None = None) -> None:
         self.targets, self.rows, self.batch_size = targets, rows, batch_size
         self.hidden, self.head, self._logits = hidden, head, logits
+        self.records: Records = records if records is not None else {}
 
     @property
     def logits(self) -> torch.Tensor:
@@ -101,11 +104,13 @@ def supervised_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Supe
     if split is None:
         if per_row is not None:
             inputs["adapter_per_row"] = per_row
-        return SupervisedLogits(targets, rows, labels.shape[0], logits=model(**inputs).logits[:, :-1][mask])
+        with recording() as records:
+            logits = model(**inputs).logits[:, :-1][mask]
+        return SupervisedLogits(targets, rows, labels.shape[0], logits=logits, records=records)
     body, head = split
-    with mixed_batch(model, per_row) if per_row is not None else contextlib.nullcontext():
+    with recording() as records, mixed_batch(model, per_row) if per_row is not None else contextlib.nullcontext():
         hidden = body(**inputs)[0]
-    return SupervisedLogits(targets, rows, labels.shape[0], hidden=hidden[:, :-1][mask], head=head)
+    return SupervisedLogits(targets, rows, labels.shape[0], hidden=hidden[:, :-1][mask], head=head, records=records)
 
 
 def token_losses(outputs: SupervisedLogits) -> torch.Tensor:

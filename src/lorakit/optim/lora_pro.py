@@ -3,7 +3,7 @@
 Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?", ICLR 2025; released code
 mrflogs/LoRA-Pro (``lorapro_full_adjustment`` in its DeepSpeed fork). Reference: variants.md §5.
 
-All matrices are the 2-D views of :mod:`lorakit.optim.factors`: ``A`` (r x n), ``B`` (m x r), the update
+All matrices are the 2-D views of :mod:`lorakit.optim.factor_pairs`: ``A`` (r x n), ``B`` (m x r), the update
 ``s B A`` and the full gradient ``G`` (m x n), so ``gA = s B^T G`` and ``gB = s G A^T``. A LoRA step with
 gradients ``(ĝA, ĝB)`` moves ``W`` by ``-lr * g̃`` with the *equivalent gradient* ``g̃ = s B ĝA + s ĝB A``.
 LoRA-Pro minimises ``||g̃ - G||_F``; for ``B`` of full column rank, ``A`` of full row rank and any r x r ``X``::
@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.optim.factors import LoraFactors
+from lorakit.optim.factor_pairs import LoraFactors
 from lorakit.optim.sylvester import solve_symmetric_sylvester
 
 
@@ -88,7 +88,7 @@ def lora_pro_state_bytes(pairs: Sequence[LoraFactors]) -> int:
 class LoraPro(torch.optim.Optimizer):
     """LoRA-Pro (Wang et al., ICLR 2025): Adam on each pair's equivalent gradient, SGD on the factors.
 
-    ``pairs`` come from :func:`lorakit.optim.factors.lora_factors`. The one param group's ``"params"``
+    ``pairs`` come from :func:`lorakit.optim.factor_pairs.lora_factors`. The one param group's ``"params"``
     are ``[A1, B1, A2, B2, ...]`` (the trainer sets ``group["lr"]`` and clips over them) and its
     ``"scales"`` the pairs' scales, so the pairing survives ``state_dict()``/``load_state_dict()``. Each
     pair's state lives under its ``A``: ``"step"`` (int), ``"exp_avg"`` and ``"exp_avg_sq"`` (m x n).

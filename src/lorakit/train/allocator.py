@@ -1,4 +1,5 @@
-"""Keep freed activation memory in the process for the next training step (glibc's ``mallopt``).
+"""Keep freed activation memory in the process for the next training step (glibc's ``mallopt``), while
+training only (``TrainConfig.keep_freed_memory``; on for ``lorakit train``).
 
 By default glibc hands every allocation above a (dynamic) threshold straight to ``mmap`` and returns it
 to the operating system on free, so each training step maps its activations afresh and pays a page
@@ -6,28 +7,59 @@ fault per 4 KiB page on first touch: on the default model about 5-8% of a CPU tr
 the ``mmap`` threshold to its ceiling (32 MiB) and the trim threshold to 1 GiB lets freed blocks be
 reused from the heap instead. The cost: the process keeps up to that much freed memory instead of
 returning it. CUDA memory is not affected (PyTorch caches it already).
+
+glibc cannot report its current thresholds, so on leaving :func:`freed_memory_kept` they are set back to
+what the process started with: the values of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+when the user set those, else glibc's defaults (128 KiB each). One difference stays: once a threshold
+has been set explicitly, glibc no longer adapts the ``mmap`` threshold to the sizes the program frees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
+from collections.abc import Callable, Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_CEILING = 32 << 20
 TRIM_THRESHOLD = 1 << 30
+GLIBC_DEFAULT_THRESHOLD = 128 << 10
+"""glibc's starting value of both thresholds."""
 
 
 @functools.cache
-def reuse_freed_memory() -> bool:
-    """Apply the settings above once per process; whether they took effect (False without glibc)."""
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None on other C libraries (musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
+    except (OSError, AttributeError):
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mallopt
+
+
+def _starting_value(variable: str) -> int:
+    value = os.environ.get(variable, "")
+    return int(value) if value.isdigit() else GLIBC_DEFAULT_THRESHOLD
+
+
+@contextlib.contextmanager
+def freed_memory_kept(enabled: bool = True) -> Iterator[bool]:
+    """Within the block, freed memory stays in the process (see the module docstring); yields whether the
+    settings took effect (False when not ``enabled`` or without glibc)."""
+    mallopt = _mallopt() if enabled else None
+    if mallopt is None:
+        yield False
+        return
+    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    try:
+        yield applied
+    finally:
+        mallopt(M_MMAP_THRESHOLD, _starting_value("MALLOC_MMAP_THRESHOLD_"))
+        mallopt(M_TRIM_THRESHOLD, _starting_value("MALLOC_TRIM_THRESHOLD_"))

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``checkpoints/step-N`` written atomically (built beside, then renamed):
 ``trainable.safetensors`` (every trainable parameter by name), ``optimizer.safetensors`` (the
 optimizer's tensor state, keys ``state.<param index>.<name>``), ``rng.safetensors`` (torch's
-generator states) and ``state.json`` (step, data position, optimizer hyper-parameters and scalars,
+generator states), ``components.safetensors`` (the training components' ``state_dict``, keys
+``<component index>.<name>``, when any component has state) and ``state.json`` (step, data position, optimizer hyper-parameters and scalars,
 Python's random state, the training config). Restoring all of it makes a resumed run continue
 exactly as an uninterrupted one would.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,11 @@ from torch import nn
 from lorakit.data.batching import Position
 from lorakit.errors import FormatError
 from lorakit.io.files import load_json, load_tensors
+from lorakit.methods.component import TrainingComponent
 from lorakit.models.atomic import build_atomically
 
 CHECKPOINTS = "checkpoints"
+COMPONENTS_FILE = "components.safetensors"
 _PREFIX = "step-"
 
 
@@ -72,8 +76,10 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, where: Resumption,
-                    config: Any, keep: int) -> Path:
+                    config: Any, keep: int, components: Sequence[TrainingComponent] = ()) -> Path:
     """Write the checkpoint for ``where`` under ``run_dir/checkpoints`` and keep the newest ``keep``."""
+    component_state = {f"{index}.{key}": value.detach().cpu().contiguous()
+                       for index, component in enumerate(components) for key, value in component.state_dict().items()}
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     optimizer_tensors, optimizer_meta = _optimizer_parts(optimizer)
     python_state = random.getstate()
@@ -85,6 +91,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         save_file(trainable, str(directory / "trainable.safetensors"))
         save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
         save_file(_rng_tensors(), str(directory / "rng.safetensors"))
+        if component_state:
+            save_file(component_state, str(directory / COMPONENTS_FILE))
         (directory / "state.json").write_text(json.dumps(meta, indent=1))
 
     target = build_atomically(run_dir / CHECKPOINTS / f"{_PREFIX}{where.step}", build)
@@ -126,8 +134,18 @@ def _check_same_run(saved: dict[str, Any], config: Any, checkpoint: Path) -> Non
                           + (f" (also differs: {', '.join(changed[1:])})" if len(changed) > 1 else ""))
 
 
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any) -> Resumption:
-    """Restore parameters, optimizer and random states from ``checkpoint``; return where it stood.
+def _restore_components(checkpoint: Path, components: Sequence[TrainingComponent]) -> None:
+    """Hand each component its saved state (a checkpoint written before components had state has none)."""
+    path = checkpoint / COMPONENTS_FILE
+    saved = load_tensors(path) if path.is_file() else {}
+    for index, component in enumerate(components):
+        prefix = f"{index}."
+        component.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any,
+                    components: Sequence[TrainingComponent] = ()) -> Resumption:
+    """Restore parameters, optimizer, components and random states from ``checkpoint``; return where it stood.
 
     ``config`` must agree with the run's saved one except in how often it logs, evaluates and saves."""
     meta = load_json(checkpoint / "state.json")
@@ -144,6 +162,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
                                   f"the model needs {tuple(parameter.shape)}")
             parameter.copy_(trainable[name])
     _restore_optimizer(optimizer, load_tensors(checkpoint / "optimizer.safetensors"), meta["optimizer"])
+    _restore_components(checkpoint, components)
     rng = load_tensors(checkpoint / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

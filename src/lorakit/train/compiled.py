@@ -22,14 +22,19 @@ from torch import nn
 @contextlib.contextmanager
 def compiled_body(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Within the block, ``model.base_model`` (or ``model`` itself when it has no separate body) runs its
-    ``forward`` compiled; afterwards the eager ``forward`` is back (evaluation and generation outside
-    training run eagerly, with no recompilation for their shapes)."""
+    ``forward`` compiled; afterwards the module's own ``forward`` is back as it was, including one set on the
+    instance by someone else (evaluation and generation outside training run eagerly, with no
+    recompilation for their shapes)."""
     if not enabled:
         yield
         return
     body = getattr(model, "base_model", model)
+    own = vars(body).get("forward")  # an instance attribute (a hook library's wrapper), or None
     body.forward = torch.compile(body.forward)
     try:
         yield
     finally:
-        del body.forward
+        if own is None:
+            del body.forward
+        else:
+            body.forward = own

@@ -1,107 +1,122 @@
-"""The registries of what a training run can swap: its optimizer, its method and its regularizer.
+"""The registries of what ``TrainConfig`` names: its optimizer, its method and its regularizer, each built
+as a :class:`~lorakit.methods.component.TrainingComponent`.
 
 Each entry names its options (with defaults) in ``TrainConfig.options``; an unknown name or option is
 refused with the known ones listed. Combinations that do not make sense are refused by
-:mod:`lorakit.train.combinations`.
+:mod:`lorakit.train.combinations`. A method added here needs no change to the trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.config import TrainConfig
 from lorakit.errors import ConfigError
+from lorakit.methods.codyra import CodyraSchedule
+from lorakit.methods.component import TrainingComponent
+from lorakit.methods.dylora import DyLoraSampler
+from lorakit.mixtures.mixlora.training import MixLoraTraining
+from lorakit.optim.allora import Allora
+from lorakit.optim.factor_pairs import lora_factors
+from lorakit.optim.lora_pro import LoraPro
+from lorakit.regularizers.ba_lora import BaLoraWeights
+from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
 
-if TYPE_CHECKING:
-    from lorakit.config import TrainConfig
-    from lorakit.methods.component import TrainingExtension
+Options = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
-class Component:
-    """One registry entry: what builds it, the options it reads (with defaults), and one line about it."""
+class Registered:
+    """One registry entry: what builds its component from the run's config and options (None: nothing to
+    add), the options it reads (with defaults), and one line about it."""
 
-    build: Callable[..., Any] | None
-    options: Mapping[str, Any]
+    build: Callable[[TrainConfig, Options], TrainingComponent] | None
+    options: Options
     summary: str
 
 
-def _adamw(model, parameters, config, options):
+class OptimizerChoice(TrainingComponent):
+    """A component that only supplies the optimizer: ``make(model, parameters, config)``."""
+
+    def __init__(self, make: Callable[[nn.Module, list[nn.Parameter], TrainConfig], torch.optim.Optimizer]) -> None:
+        self.make = make
+
+    def optimizer(self, model: nn.Module, parameters: list[nn.Parameter],
+                  config: TrainConfig) -> torch.optim.Optimizer:
+        return self.make(model, parameters, config)
+
+
+def adamw(model: nn.Module, parameters: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The default optimizer: AdamW with the run's learning rate and weight decay."""
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _lora_pro(model, parameters, config, options):
-    from lorakit.optim.factors import lora_factors
-    from lorakit.optim.lora_pro import LoraPro
-    return LoraPro(lora_factors(model), lr=config.lr, weight_decay=config.weight_decay,
-                   delta=options["lora_pro_delta"])
+def _lora_pro(config: TrainConfig, options: Options) -> TrainingComponent:
+    return OptimizerChoice(lambda model, parameters, cfg: LoraPro(
+        lora_factors(model), lr=cfg.lr, weight_decay=cfg.weight_decay, delta=options["lora_pro_delta"]))
 
 
-def _allora(model, parameters, config, options):
-    from lorakit.optim.allora import Allora
-    return Allora(parameters, lr=config.lr, weight_decay=config.weight_decay, eta=options["allora_eta"],
-                  scale=options["allora_scale"])
+def _allora(config: TrainConfig, options: Options) -> TrainingComponent:
+    return OptimizerChoice(lambda model, parameters, cfg: Allora(
+        parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, eta=options["allora_eta"],
+        scale=options["allora_scale"]))
 
 
-def _dylora(model, config, options, reference):
-    from lorakit.methods.dylora import DyLoraSampler
-    return DyLoraSampler(model, seed=config.seed, frozen=bool(options["dylora_frozen"]))
+def _dylora(config: TrainConfig, options: Options) -> TrainingComponent:
+    return DyLoraSampler(seed=config.seed, frozen=bool(options["dylora_frozen"]))
 
 
-def _codyra(model, config, options, reference):
-    from lorakit.methods.codyra import CodyraSchedule
-    return CodyraSchedule(model, max_kappa=options["codyra_max_kappa"], dense_fraction=options["codyra_dense_fraction"],
+def _codyra(config: TrainConfig, options: Options) -> TrainingComponent:
+    return CodyraSchedule(max_kappa=options["codyra_max_kappa"], dense_fraction=options["codyra_dense_fraction"],
                           stages=int(options["codyra_stages"]), seed=config.seed)
 
 
-def _mixlora(model, config, options, reference):
-    from lorakit.mixtures.mixlora import MixLoraAuxLoss
-    return MixLoraAuxLoss(model, coefficient=options["mixlora_aux_loss_coefficient"])
+def _mixlora(config: TrainConfig, options: Options) -> TrainingComponent:
+    return MixLoraTraining(coefficient=options["mixlora_aux_loss_coefficient"])
 
 
-def _ba_lora(model, config, options, reference):
-    from lorakit.regularizers.ba_lora import BaLoraWeights
-    from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
+def _ba_lora(config: TrainConfig, options: Options) -> TrainingComponent:
     weights = BaLoraWeights(consistency=options["ba_lora_consistency"], diversity=options["ba_lora_diversity"],
                             svd=options["ba_lora_svd"], top_k=int(options["ba_lora_top_k"]))
-    return BaLoraRegularizer(model, weights, reference=reference)
+    return BaLoraRegularizer(weights, reference=options["ba_lora_reference"], full=config.full)
 
 
-OPTIMIZERS: dict[str, Component] = {
-    "adamw": Component(_adamw, {}, "AdamW on the trainable parameters"),
-    "lora-pro": Component(_lora_pro, {"lora_pro_delta": 1e-8},
-                          "LoRA-Pro: Adam on the full-space equivalent gradient, mapped back to (A, B)"),
-    "allora": Component(_allora, {"allora_eta": 1.0, "allora_scale": "update"},
-                        "ALLoRA: Adam with a row-wise rate 1/sqrt(|theta_i|^2 + 1/eta^2)"),
+OPTIMIZERS: dict[str, Registered] = {
+    "adamw": Registered(None, {}, "AdamW on the trainable parameters (the trainer's default)"),
+    "lora-pro": Registered(_lora_pro, {"lora_pro_delta": 1e-8},
+                           "LoRA-Pro: Adam on the full-space equivalent gradient, mapped back to (A, B)"),
+    "allora": Registered(_allora, {"allora_eta": 1.0, "allora_scale": "update"},
+                         "ALLoRA: Adam with a row-wise rate 1/sqrt(|theta_i|^2 + 1/eta^2)"),
 }
-METHODS: dict[str, Component] = {
-    "lora": Component(None, {}, "plain LoRA"),
-    "dylora": Component(_dylora, {"dylora_frozen": False}, "DyLoRA: a random nested rank b per step"),
-    "codyra": Component(_codyra, {"codyra_max_kappa": 5e-3, "codyra_dense_fraction": 0.5, "codyra_stages": 50},
-                        "CoDyRA: gated ranks B diag(w) A, soft-thresholded, pruned at the end"),
-    "mixlora": Component(_mixlora, {"mixlora_experts": 8, "mixlora_top_k": 2, "mixlora_aux_loss_coefficient": 1e-3,
-                                    "mixlora_jitter": 0.0},
-                         "MixLoRA: top-k LoRA experts in every FFN (shared frozen weights), LoRA on attention"),
+METHODS: dict[str, Registered] = {
+    "lora": Registered(None, {}, "plain LoRA"),
+    "dylora": Registered(_dylora, {"dylora_frozen": False}, "DyLoRA: a random nested rank b per step"),
+    "codyra": Registered(_codyra, {"codyra_max_kappa": 5e-3, "codyra_dense_fraction": 0.5, "codyra_stages": 50},
+                         "CoDyRA: gated ranks B diag(w) A, soft-thresholded, pruned at the end"),
+    "mixlora": Registered(_mixlora, {"mixlora_experts": 8, "mixlora_top_k": 2, "mixlora_aux_loss_coefficient": 1e-3,
+                                     "mixlora_jitter": 0.0},
+                          "MixLoRA: top-k LoRA experts in every FFN (shared frozen weights), LoRA on attention"),
 }
-REGULARIZERS: dict[str, Component] = {
-    "ba-lora": Component(_ba_lora, {"ba_lora_consistency": 1e-4, "ba_lora_diversity": 3e-4, "ba_lora_svd": 1e-4,
-                                    "ba_lora_top_k": 3},
-                         "BA-LoRA: consistency, diversity and SVD terms against the original model"),
+REGULARIZERS: dict[str, Registered] = {
+    "ba-lora": Registered(_ba_lora, {"ba_lora_consistency": 1e-4, "ba_lora_diversity": 3e-4, "ba_lora_svd": 1e-4,
+                                     "ba_lora_top_k": 3, "ba_lora_reference": "auto"},
+                          "BA-LoRA: consistency, diversity and SVD terms against the original model"),
 }
 
 
-def _lookup(registry: dict[str, Component], kind: str, name: str) -> Component:
+def _lookup(registry: dict[str, Registered], kind: str, name: str) -> Registered:
     if name not in registry:
         raise ConfigError(f"{kind}={name!r} is invalid: one of {', '.join(registry)}")
     return registry[name]
 
 
-def chosen_components(config: TrainConfig) -> list[Component]:
-    """The optimizer, method and (if any) regularizer ``config`` names."""
+def _chosen(config: TrainConfig) -> list[Registered]:
+    """The optimizer, method and (if any) regularizer ``config`` names, in that order."""
     chosen = [_lookup(OPTIMIZERS, "optimizer", config.optimizer), _lookup(METHODS, "method", config.method)]
     if config.regularizer is not None:
         chosen.append(_lookup(REGULARIZERS, "regularizer", config.regularizer))
@@ -110,7 +125,7 @@ def chosen_components(config: TrainConfig) -> list[Component]:
 
 def check_components(config: TrainConfig) -> None:
     """Refuse unknown names, and options that none of the chosen components reads."""
-    known = {key for component in chosen_components(config) for key in component.options}
+    known = {key for entry in _chosen(config) for key in entry.options}
     unknown = sorted(set(config.options) - known)
     if unknown:
         raise ConfigError(f"option {unknown[0]!r} is not read by optimizer={config.optimizer!r}, "
@@ -118,8 +133,8 @@ def check_components(config: TrainConfig) -> None:
                           f"{', '.join(sorted(known)) or 'no options'}")
 
 
-def _options(component: Component, config: TrainConfig) -> dict[str, Any]:
-    return {key: config.options.get(key, default) for key, default in component.options.items()}
+def _options(entry: Registered, config: TrainConfig) -> dict[str, Any]:
+    return {key: config.options.get(key, default) for key, default in entry.options.items()}
 
 
 def method_options(config: TrainConfig) -> dict[str, Any]:
@@ -127,17 +142,7 @@ def method_options(config: TrainConfig) -> dict[str, Any]:
     return _options(_lookup(METHODS, "method", config.method), config)
 
 
-def build_optimizer(model: nn.Module, parameters: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer ``config.optimizer`` names, over ``parameters`` (the pair-wise ones read ``model``)."""
-    component = _lookup(OPTIMIZERS, "optimizer", config.optimizer)
-    return component.build(model, parameters, config, _options(component, config))
-
-
-def build_extensions(model: nn.Module, config: TrainConfig,
-                     reference: nn.Module | None = None) -> list[TrainingExtension]:
-    """The loop hooks of ``config.method`` and ``config.regularizer`` (``reference``: BA-LoRA's frozen
-    original model; None means the model itself with its adapters disabled)."""
-    components = [_lookup(METHODS, "method", config.method)]
-    if config.regularizer is not None:
-        components.append(_lookup(REGULARIZERS, "regularizer", config.regularizer))
-    return [c.build(model, config, _options(c, config), reference) for c in components if c.build is not None]
+def components_for(config: TrainConfig) -> list[TrainingComponent]:
+    """The components ``config`` names (optimizer, method, regularizer), built with their options."""
+    check_components(config)
+    return [entry.build(config, _options(entry, config)) for entry in _chosen(config) if entry.build is not None]

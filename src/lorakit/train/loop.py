@@ -1,10 +1,13 @@
 """The training loop: the chosen optimizer on the trainable parameters, warmup + cosine, accumulation,
 clipping, periodic evaluation and checkpoints, exact resume, and a loud stop on a non-finite loss.
 
-``TrainConfig.optimizer``, ``.method`` and ``.regularizer`` pick the optimizer and the loop hooks
-(:mod:`lorakit.train.components`); ``metrics.jsonl`` logs the task loss as ``loss`` and any
-regularizer's or mixture's share of the objective (the extensions' loss terms) as
-``extra_loss``.
+Everything method-specific is a :class:`~lorakit.methods.component.TrainingComponent`: those
+``TrainConfig.optimizer``, ``.method`` and ``.regularizer`` name (:mod:`lorakit.train.components`), then
+any passed as ``components``; the loop calls their hooks at fixed points and knows no method.
+``metrics.jsonl`` logs the task loss as ``loss``, the components' extra terms by name and their sum
+as ``extra_loss``. Rows whose examples name an adapter (``Encoded.adapter``: several adapters trained in
+one batch) each train their own adapter: each adapter's loss is its own rows' mean and its gradient is
+clipped on its own.
 
 ``train(model, tokenizer, examples, TrainConfig(...), out_dir=...)`` trains whatever requires a
 gradient (the attached adapter, or every weight with ``full=True``) and writes the result to
@@ -13,7 +16,6 @@ gradient (the attached adapter, or every weight with ``full=True``) and writes t
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import time
@@ -31,15 +33,28 @@ from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.train.allocator import reuse_freed_memory
-from lorakit.train.checkpoint import (CHECKPOINTS, Resumption, find_checkpoint, list_checkpoints, load_checkpoint,
-                                      save_checkpoint)
 from lorakit.eval.loss import mean_loss
+from lorakit.methods.component import TrainingComponent
+from lorakit.models.supervised_loss import (
+    SupervisedLogits,
+    adapter_token_counts,
+    batch_tokens,
+    logits_loss,
+    per_adapter_loss,
+    supervised_outputs,
+    supervised_tokens,
+)
+from lorakit.train.allocator import freed_memory_kept
+from lorakit.train.checkpoint import (
+    CHECKPOINTS,
+    Resumption,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorakit.train.compiled import compiled_body
-from lorakit.train.components import build_extensions, build_optimizer, check_components
-from lorakit.methods.component import TrainingExtension
-from lorakit.models.supervised_loss import (SupervisedLogits, adapter_token_counts, batch_tokens, logits_loss, per_adapter_loss,
-                                supervised_outputs, supervised_tokens)
+from lorakit.train.components import adamw, check_components, components_for
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate
@@ -98,64 +113,70 @@ def _prepare_run_dir(out_dir: Path | None, resume: Path | None, overwrite: bool)
 
 
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig = TrainConfig(), *,
-          out_dir: str | Path | None = None, eval_examples: Sequence[Example] | None = None,
-          resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          save: Callable[[Path], None] | None = None, reference: nn.Module | None = None,
-          row_adapters: Sequence[str] | None = None, extensions: Sequence[TrainingExtension] = ()) -> TrainResult:
-    """Train ``model`` on ``examples``; see the module docstring. ``resume`` is a run directory or checkpoint;
-    ``save(out_dir)`` writes the result (default: the adapter in PEFT format, or the full model);
-    ``reference`` is the frozen original model a regularizer compares with (default: ``model`` with
-    its adapters disabled). ``row_adapters`` names each example's adapter to train several adapters
-    in one batch (:func:`lorakit.train.multi.train_adapters`). ``extensions`` are loop hooks beyond
-    those ``config`` names (e.g. a mixture's own loss term, such as MeteoRA's task loss)."""
+          components: Sequence[TrainingComponent] = (), out_dir: str | Path | None = None,
+          eval_examples: Sequence[Example] | None = None, resume: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``examples``; see the module docstring. ``components`` are hooks beyond those
+    ``config`` names (e.g. a mixture's task loss, or how an init's result is saved); ``resume`` is a run
+    directory or checkpoint. The result goes to ``out_dir`` (the first component whose ``save`` writes it,
+    else the adapter in PEFT format, or the full model)."""
     check_components(config)
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
-    _prepare_run_dir(out, resume_path, overwrite)
-    reuse_freed_memory()
-    extensions = [*build_extensions(model, config, reference), *extensions]
+    components = [*components_for(config), *components]
+    for component in components:
+        component.attach(model)
     parameters = _trainable(model, config.full)
+    _prepare_run_dir(out, resume_path, overwrite)  # only once the run can start: a refused run deletes nothing
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
-    if row_adapters is not None:
-        encoded = [dataclasses.replace(e, adapter=name) for e, name in zip(encoded, row_adapters, strict=True)]
+    for component in components:
+        encoded = list(component.batches(encoded))
     eval_encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in eval_examples or []]
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    optimizer = build_optimizer(model, parameters, config)
+    optimizer = _optimizer(components, model, parameters, config)
     start = Resumption(0, Position())
     if resume_path is not None:
-        start = load_checkpoint(find_checkpoint(resume_path), model, optimizer, config)
+        start = load_checkpoint(find_checkpoint(resume_path), model, optimizer, config, components)
     batches = Batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed,
                       bucket=config.bucket, pack_length=config.max_length if config.pack else None)
     total = config.total_steps(len(batches) * config.batch_size)
     log = MetricsLog(out / METRICS_FILE if out is not None else None)
-    clip_groups = adapter_parameter_groups(model, sorted(set(row_adapters))) if row_adapters else [parameters]
-    run = _Run(model, optimizer, config, total, batches, start.data, log, out, extensions, clip_groups)
-    with compiled_body(model, config.compile):
+    row_adapters = sorted({e.adapter for e in encoded if e.adapter is not None})
+    clip_groups = adapter_parameter_groups(model, row_adapters) if row_adapters else [parameters]
+    run = _Run(model, optimizer, config, total, batches, start.data, log, out, components, clip_groups)
+    with freed_memory_kept(config.keep_freed_memory), compiled_body(model, config.compile):
         train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
-    for extension in extensions:
-        extension.finish()
+    for component in components:
+        component.finish()
     eval_loss = mean_loss(model, eval_encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer)) \
         if eval_encoded else None
     if eval_loss is not None:
         log.write(step=total, eval_loss=eval_loss)
     model.eval()
-    if out is not None:
-        if save is not None:
-            save(out)
-        else:
-            save_result(model, tokenizer, out, full=config.full)
+    if out is not None and not any(component.save(model, tokenizer, out) for component in components):
+        save_result(model, tokenizer, out, full=config.full)
     return TrainResult(total, train_loss, eval_loss, out, log.records, sum(p.numel() for p in parameters))
+
+
+def _optimizer(components: Sequence[TrainingComponent], model: nn.Module, parameters: list[nn.Parameter],
+               config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer the one component that supplies it builds, else AdamW; two suppliers are refused."""
+    supplied = [(c, o) for c in components if (o := c.optimizer(model, parameters, config)) is not None]
+    if len(supplied) > 1:
+        names = ", ".join(type(c).__name__ for c, _ in supplied)
+        raise ConfigError(f"two components supply the optimizer ({names}); keep one")
+    return supplied[0][1] if supplied else adamw(model, parameters, config)
 
 
 class _Run:
     """The state of one run between steps."""
 
     def __init__(self, model, optimizer, config: TrainConfig, total: int, batches: Batches, data: Position,
-                 log: MetricsLog, out: Path | None, extensions: Sequence[TrainingExtension],
+                 log: MetricsLog, out: Path | None, components: Sequence[TrainingComponent],
                  clip_groups: list[list[nn.Parameter]]) -> None:
-        self.model, self.optimizer, self.config, self.extensions = model, optimizer, config, extensions
+        self.model, self.optimizer, self.config, self.components = model, optimizer, config, components
         self.clip_groups = clip_groups
         """Parameters whose gradient norm is clipped together: all of them, or each adapter's own."""
         self.total, self.log, self.out = total, log, out
@@ -168,18 +189,18 @@ class _Run:
         bar = tqdm(total=self.total, initial=first, disable=not progress, desc="train", unit="step")
         loss, tokens, started = float("nan"), 0, time.perf_counter()
         for step in range(first, self.total):
-            for extension in self.extensions:
-                extension.before_step(step, self.total)
-            loss, regularization, step_tokens = self._step(step)
-            for extension in self.extensions:
-                extension.after_step(step, self.total)
+            for component in self.components:
+                component.before_step(step, self.total)
+            loss, terms, step_tokens = self._step(step)
+            for component in self.components:
+                component.after_step(step, self.total)
             tokens += step_tokens
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             done = step + 1
             if done % max(1, self.config.log_every) == 0 or done == self.total:
-                extra = {"extra_loss": regularization} if self.config.regularizer or regularization else {}
+                extra = {"extra_loss": sum(terms.values()), **terms} if terms else {}
                 self.log.write(step=done, loss=loss, **extra, lr=self.optimizer.param_groups[0]["lr"],
                                tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
             if self.config.eval_every and done % self.config.eval_every == 0 and eval_encoded and done < self.total:
@@ -188,37 +209,40 @@ class _Run:
                 self.model.train()
             if self.out is not None and self.config.save_every and done % self.config.save_every == 0:
                 save_checkpoint(self.out, self.model, self.optimizer, Resumption(done, self.next_data), self.config,
-                                self.config.keep_checkpoints)
+                                self.config.keep_checkpoints, self.components)
         bar.close()
         return loss
 
-    def _step(self, step: int) -> tuple[float, float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (task loss, regularization, tokens)."""
+    def _step(self, step: int) -> tuple[float, dict[str, float], int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (task loss, extra terms by name, tokens)."""
         lr = learning_rate(step, total=self.total, warmup=self.warmup, peak=self.config.lr,
                            min_ratio=self.config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self._next_batch() for _ in range(self.config.grad_accum)]
         task_loss_of = self._task_loss(batches)
-        task_loss, regularization = 0.0, 0.0
+        task_loss, terms = 0.0, {}
         for batch in batches:
             outputs = supervised_outputs(self.model, batch)
-            extra = self._extra_loss(batch, outputs) / len(batches)  # first: logits it asks for are reused
+            extra = self._extra_losses(batch, outputs, len(batches))  # first: logits they ask for are reused
             loss = task_loss_of(outputs, batch)
-            if not torch.isfinite(loss + extra):
-                self._diverged(step, (loss + extra).item())
-            (loss + extra).backward()
+            total = loss + sum(extra.values(), torch.zeros((), device=outputs.device))
+            if not torch.isfinite(total):
+                self._diverged(step, total.item())
+            total.backward()
             task_loss += loss.item()
-            regularization += extra.item()
+            for name, value in extra.items():
+                terms[name] = terms.get(name, 0.0) + value.item()
             del outputs  # (M, V) logits: not kept alive through the next micro-batch's forward
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         for group in self.clip_groups:
             norm = torch.nn.utils.clip_grad_norm_(group, max_norm)
             if not torch.isfinite(norm):
                 self._diverged(step, float(norm), what="gradient norm")
-        self.optimizer.step()
+        if not any(component.step(self.optimizer) for component in self.components):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return task_loss, regularization, sum(batch_tokens(b) for b in batches)
+        return task_loss, terms, sum(batch_tokens(b) for b in batches)
 
     @staticmethod
     def _task_loss(batches: list[dict]) -> Callable[[SupervisedLogits, dict], torch.Tensor]:
@@ -230,9 +254,15 @@ class _Run:
         count = max(1, sum(supervised_tokens(b) for b in batches))
         return lambda outputs, batch: logits_loss(outputs) / count
 
-    def _extra_loss(self, batch: dict, outputs: SupervisedLogits) -> torch.Tensor:
-        terms = [t for t in (e.loss(batch, outputs) for e in self.extensions) if t is not None]
-        return sum(terms, torch.zeros((), device=outputs.device))
+    def _extra_losses(self, batch: dict, outputs: SupervisedLogits, micro_batches: int) -> dict[str, torch.Tensor]:
+        """The components' extra terms for one micro-batch, each averaged over the step's micro-batches."""
+        terms: dict[str, torch.Tensor] = {}
+        for component in self.components:
+            for name, value in component.losses(batch, outputs).items():
+                if name in terms:
+                    raise TrainingError(f"two components of the run add a loss named {name!r}")
+                terms[name] = value / micro_batches
+        return terms
 
     def _next_batch(self) -> dict:
         position, batch = next(self.stream)

@@ -5,10 +5,10 @@ The data-driven inits run their estimate on the first training batches before th
 
 * ``lora-ga`` (Wang et al. 2024): ``grads = estimate_gradients(...)``, attach, ``init_lora_ga``; the
   base weights move by ``-s B0 A0``, so the run saves the rank-2r adapter that reproduces the trained
-  model on the *original* base (``save_lora_ga_adapter``), and keeps ``lora_ga_init.safetensors`` so
-  that a resumed run can move the base again.
+  model on the *original* base (the :class:`LoraGaExport` component), and keeps
+  ``lora_ga_init.safetensors`` so that a resumed run starts from the same ``(A0, B0)`` and offset.
 With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
-(:func:`lorakit.mixtures.mixlora.attach_mixlora`) and the run saves it with ``save_mixlora``.
+(:func:`lorakit.mixtures.mixlora.attach_mixlora`); the method's component saves it.
 
 * ``eva`` (Paischer et al. 2024): ``estimate = estimate_eva(...)``, attach with the redistributed ranks
   (``eva_config``), ``init_eva``; the run records that config, so resuming attaches the same shapes.
@@ -17,9 +17,10 @@ With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,11 @@ from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError
+from lorakit.init.eva import estimate_eva, eva_config, init_eva
+from lorakit.init.lora_ga import LoraGaInit, estimate_gradients, init_lora_ga, save_lora_ga_adapter, start_from
+from lorakit.methods.component import TrainingComponent
+from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
+from lorakit.train.components import method_options
 
 INITS = ("kaiming", "gaussian", "lora-ga", "eva")
 LORA_GA_FILE = "lora_ga_init.safetensors"
@@ -39,10 +45,23 @@ ESTIMATE_BATCHES = 8
 
 @dataclass
 class PreparedAdapter:
-    """The adapter a run trains: the config actually attached, and how to save the result (None: PEFT format)."""
+    """The adapter a run trains: the config actually attached, the components the run needs because of the
+    init (e.g. LoRA-GA's export), and whether the init moved the base weights."""
 
     lora: LoraConfig
-    save: Callable[[Path], None] | None = None
+    components: list[TrainingComponent] = field(default_factory=list)
+    moves_base: bool = False
+
+
+class LoraGaExport(TrainingComponent):
+    """Saves a LoRA-GA run as the rank-2r adapter that reproduces the trained model on the original base."""
+
+    def __init__(self, start: LoraGaInit) -> None:
+        self.start = start
+
+    def save(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> bool:
+        save_lora_ga_adapter(model, out_dir, "default", self.start)
+        return True
 
 
 def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig) -> list[dict]:
@@ -69,22 +88,19 @@ def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lo
 
 
 def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bool) -> PreparedAdapter:
-    from lorakit.init.lora_ga import (LoraGaInit, estimate_gradients, init_lora_ga, offset_base,
-                                      save_lora_ga_adapter)
     if resume:
         attach(model, lora)
         start = LoraGaInit.load(run_dir / LORA_GA_FILE)
-        offset_base(model, start)
+        start_from(model, start)
     else:
         grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora)
         attach(model, lora)
         start = init_lora_ga(model, grads)
         start.save(run_dir / LORA_GA_FILE)
-    return PreparedAdapter(lora, save=lambda out: save_lora_ga_adapter(model, out, "default", start))
+    return PreparedAdapter(lora, [LoraGaExport(start)], moves_base=True)
 
 
 def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdapter:
-    from lorakit.init.eva import estimate_eva, eva_config, init_eva
     if resume:  # the run recorded the EVA config; the checkpoint holds A and B
         attach(model, lora)
         return PreparedAdapter(lora)
@@ -98,8 +114,6 @@ def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdap
 def _mixlora(model, lora: LoraConfig, config: TrainConfig) -> PreparedAdapter:
     """MixLoRA: the experts and routers of ``lorakit.mixtures.mixlora`` shaped by ``lora`` and the run's
     ``mixlora_*`` options; attention targets are ``lora.targets`` when they name modules."""
-    from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora, save_mixlora
-    from lorakit.train.components import method_options
     option = method_options(config)
     attention = lora.targets if isinstance(lora.targets, tuple) else MixLoraConfig().attention_targets
     mix = MixLoraConfig(num_experts=int(option["mixlora_experts"]), top_k=int(option["mixlora_top_k"]),
@@ -107,4 +121,4 @@ def _mixlora(model, lora: LoraConfig, config: TrainConfig) -> PreparedAdapter:
                         jitter_noise=option["mixlora_jitter"],
                         aux_loss_coefficient=option["mixlora_aux_loss_coefficient"])
     attach_mixlora(model, mix, seed=config.seed)
-    return PreparedAdapter(lora, save=lambda out: save_mixlora(model, out))
+    return PreparedAdapter(lora)

@@ -25,8 +25,7 @@ from lorakit.core.kinds import Conv1DKind
 from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, StateError
 from lorakit.init.lora_ga.offset import LoraGaInit
-from lorakit.io.adapters import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, task_type, base_model_name
-from lorakit.io.files import json_writer, tensor_writer, write_all_atomically
+from lorakit.io.adapters import KEY_PREFIX, base_model_name, task_type, write_adapter_files
 from lorakit.io.peft_config import to_peft_dict
 
 
@@ -65,15 +64,15 @@ def lora_ga_export(model: nn.Module, name: str, init: LoraGaInit) -> tuple[LoraC
 
 
 def save_lora_ga_adapter(model: nn.Module, path: str | Path, name: str, init: LoraGaInit) -> Path:
-    """Write :func:`lora_ga_export`'s rank-2r adapter to directory ``path`` in PEFT format (both files
-    atomically, as :func:`lorakit.save_adapter` does); it loads onto the original base with
-    :func:`lorakit.load_adapter` or ``peft.PeftModel.from_pretrained``. Returns the directory."""
+    """Write :func:`lora_ga_export`'s rank-2r adapter to directory ``path`` in PEFT format, every file
+    atomically, as :func:`lorakit.save_adapter` does (``lorakit.json`` says it is a LoRA-GA export); it loads
+    onto the original base with :func:`lorakit.load_adapter` or ``peft.PeftModel.from_pretrained``. Returns
+    the directory."""
     config, tensors = lora_ga_export(model, name, init)
     modules = model_state(model).require(name).modules
     fan_in_fan_out = any(isinstance(model.get_submodule(m).kind, Conv1DKind) for m in modules)
     peft_config = to_peft_dict(config, modules, base_model=base_model_name(model), task_type=task_type(model),
                                fan_in_fan_out=fan_in_fan_out)
     directory = Path(path)
-    write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
-                          directory / CONFIG_FILE: json_writer(peft_config)})
+    write_adapter_files(directory, tensors, peft_config, origin="lora-ga export (rank 2r, for the original base)")
     return directory

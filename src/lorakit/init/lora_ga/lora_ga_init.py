@@ -55,12 +55,19 @@ def init_lora_ga(model: nn.Module, grads: Mapping[str, torch.Tensor], name: str 
                                stable_gamma=stable_gamma, convention=convention, seed=seed, generator=generator)
         A0[module_name], B0[module_name], scales[module_name] = A.cpu(), B.cpu(), adapter.scale
     init = LoraGaInit(A0, B0, scales)
-    with torch.no_grad():
-        for module_name, layer in layers.items():
-            layer.adapters[name].A.copy_(A0[module_name])
-            layer.adapters[name].B.copy_(B0[module_name])
-    offset_base(model, init)
+    start_from(model, init, name)
     return init
+
+
+def start_from(model: nn.Module, init: LoraGaInit, name: str = "default") -> None:
+    """Set adapter ``name`` to ``init``'s ``(A0, B0)`` and offset the base by ``-s B0 A0``: the state
+    :func:`init_lora_ga` leaves, rebuilt from a saved :class:`LoraGaInit` (e.g. to resume a run)."""
+    with torch.no_grad():
+        for module_name in init.modules:
+            adapter = model.get_submodule(module_name).adapters[name]
+            adapter.A.copy_(init.A[module_name])
+            adapter.B.copy_(init.B[module_name])
+    offset_base(model, init)
 
 
 def _check(layers: dict[str, nn.Module], grads: Mapping[str, torch.Tensor], name: str) -> None:

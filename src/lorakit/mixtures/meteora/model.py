@@ -26,10 +26,14 @@ from torch import nn
 from lorakit.core.activation import routed
 from lorakit.core.kinds import LinearKind
 from lorakit.core.layer import LoraLayer
+from lorakit.core.records import Records, record
 from lorakit.core.routing import DenseRouting, SparseRouting
 from lorakit.core.state import lora_layers, model_state
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.mixtures.meteora.config import MeteoraConfig
+
+GATE_LOGITS = "meteora.gate_logits"
+"""The record key of each gated layer's ``(key, (..., N) logits)`` pair."""
 
 
 def gate_key(layer_name: str) -> str:
@@ -106,10 +110,6 @@ class MeteoraModel(nn.Module):
             for name in self.names:
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(config.train_adapters)
-        self.gate_logits: dict[str, torch.Tensor] = {}
-        """Each gated layer's masked gate logits ``(..., N)`` (fp32) from the last :meth:`forward`, keyed by
-        module path: what :class:`~lorakit.mixtures.meteora.task_loss.MeteoraTaskLoss` supervises."""
-        self._recording: dict[str, torch.Tensor] | None = None
 
     @property
     def generation_config(self):
@@ -125,7 +125,7 @@ class MeteoraModel(nn.Module):
 
     def layer_logits(self, layer: LoraLayer, x: torch.Tensor) -> torch.Tensor | None:
         """The gate logits ``(..., N)`` of ``layer`` for its input ``x`` (fp32; adapters it lacks at -inf),
-        or ``None`` for a layer without a gate. Recorded during :meth:`forward`."""
+        or ``None`` for a layer without a gate. Recorded under :data:`GATE_LOGITS` as ``(key, logits)``."""
         key = self.keys.get(id(layer))
         if key is None:
             return None
@@ -134,8 +134,7 @@ class MeteoraModel(nn.Module):
         held = getattr(self, f"_held_{key}")
         if not bool(held.all()):
             logits = logits.masked_fill(~held, float("-inf"))
-        if self._recording is not None:
-            self._recording[key] = logits
+        record(GATE_LOGITS, (key, logits))
         return logits
 
     def _k(self, layer: LoraLayer) -> int:
@@ -170,17 +169,17 @@ class MeteoraModel(nn.Module):
             yield self.model
 
     def forward(self, *args: Any, dense: bool = False, **kwargs: Any) -> Any:
-        """The wrapped model's forward (and output) with MeteoRA routing; records :attr:`gate_logits`.
+        """The wrapped model's forward (and output) with MeteoRA routing; each gated layer records its gate
+        logits (:meth:`gate_logits` reads them from a :func:`~lorakit.core.records.recording`).
         ``dense``: compute every adapter with zero weights outside the top-k (the reference path)."""
-        self._recording = {}
-        try:
-            with routed(self.model, self.routing(dense)):
-                out = self.model(*args, **kwargs)
-            self.gate_logits = {path: self._recording[gate_key(path)]
-                                for path in self.layer_names if gate_key(path) in self._recording}
-        finally:
-            self._recording = None
-        return out
+        with routed(self.model, self.routing(dense)):
+            return self.model(*args, **kwargs)
+
+    def gate_logits(self, records: Records) -> dict[str, torch.Tensor]:
+        """Each gated layer's masked gate logits ``(..., N)`` (fp32) among ``records``, keyed by module path,
+        in layer order: what :class:`~lorakit.mixtures.meteora.task_loss.MeteoraTaskLoss` supervises."""
+        by_key = dict(records.get(GATE_LOGITS, []))
+        return {path: by_key[gate_key(path)] for path in self.layer_names if gate_key(path) in by_key}
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate`` of the wrapped model with MeteoRA routing (KV cache valid: routing is

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, DataError, StateError
+from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.meteora.model import MeteoraModel
-from lorakit.methods.component import TrainingExtension
 
 IGNORE = -100
 
@@ -66,9 +66,9 @@ def gate_task_loss(gate_logits: Sequence[torch.Tensor], targets: torch.Tensor,
     return nn.functional.cross_entropy(logits.index_select(0, keep).float(), labels.index_select(0, keep))
 
 
-class MeteoraTaskLoss(TrainingExtension):
-    """The training loop's ``lambda * CE_gate`` term from the gate logits recorded by the forward of
-    ``model`` that made ``logits``. ``batch["task_per_row"]`` names each row's task (or None);
+class MeteoraTaskLoss(TrainingComponent):
+    """The training loop's ``lambda * CE_gate`` term (named ``meteora_task``) from the gate logits the
+    forward of ``model`` recorded in its outputs. ``batch["task_per_row"]`` names each row's task (or None);
     ``task_to_adapter`` maps task names to adapter names (default: each adapter's own name)."""
 
     def __init__(self, model: MeteoraModel, task_to_adapter: Mapping[str, str] | None = None,
@@ -82,12 +82,12 @@ class MeteoraTaskLoss(TrainingExtension):
         self.task_index = {task: model.names.index(adapter) for task, adapter in mapping.items()}
         self.weight = model.config.task_loss_weight if weight is None else float(weight)
 
-    def loss(self, batch: dict, outputs) -> torch.Tensor | None:
+    def losses(self, batch: dict, outputs) -> dict[str, torch.Tensor]:
         tasks = batch.get("task_per_row")
         if tasks is None or all(t is None for t in tasks):
-            return None  # no row names its task: no term
-        recorded = list(self.model.gate_logits.values())
+            return {}  # no row names its task: no term
+        recorded = list(self.model.gate_logits(outputs.records).values())
         if not recorded:
-            raise StateError("no MeteoRA gate logits recorded yet: run the MeteoraModel's forward first")
+            raise StateError("the forward recorded no MeteoRA gate logits: train the MeteoraModel itself")
         targets = torch.tensor(task_targets(list(tasks), self.task_index), dtype=torch.long)
-        return self.weight * gate_task_loss(recorded, targets, batch.get("attention_mask"))
+        return {"meteora_task": self.weight * gate_task_loss(recorded, targets, batch.get("attention_mask"))}

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.errors import ConfigError, StateError
-from lorakit.mixtures.mixlora.attach import mixlora_layers
-from lorakit.methods.component import TrainingExtension
+from lorakit.errors import ConfigError
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
@@ -41,23 +39,3 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
     fraction = (picks * token_weight[:, None, None]).sum(0) / total  # (k, E): f_{slot,e}
     mean_prob = (probs * token_weight[:, None]).sum(0) / total  # (E,): P_e
     return num_experts * (fraction * mean_prob).sum()
-
-
-class MixLoraAuxLoss(TrainingExtension):
-    """The training loop's ``c * L_aux`` term, from the router logits recorded by the forward that made
-    ``logits`` (``batch["attention_mask"]`` leaves padding out when present)."""
-
-    def __init__(self, model: nn.Module, coefficient: float | None = None) -> None:
-        self.layers = [layer for _, layer in mixlora_layers(model)]
-        config = self.layers[0].config
-        self.coefficient = config.aux_loss_coefficient if coefficient is None else coefficient
-        self.top_k = config.top_k
-
-    def loss(self, batch: dict[str, torch.Tensor], outputs) -> torch.Tensor:
-        recorded = [layer.router_logits for layer in self.layers]
-        if any(r is None for r in recorded):
-            raise StateError("no MixLoRA router logits recorded yet: run the model's forward first")
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            mask = mask.to(recorded[0].device)
-        return self.coefficient * load_balancing_loss(recorded, self.top_k, mask)

@@ -12,7 +12,9 @@ results are added back to their tokens. The experts are ordinary lorakit adapter
 they are not in the model's active set, so only this module applies them.
 
 The projections and ``act_fn`` are registered here under their original names, so every module path
-(``...mlp.gate_proj``) stays as it was: saved experts are plain PEFT adapters of the base model.
+(``...mlp.gate_proj``) stays as it was: saved experts are plain PEFT adapters of the base model. Each
+forward records its router logits under :data:`ROUTER_LOGITS` (:mod:`lorakit.core.records`), in layer
+order, for the load-balancing loss.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import torch
 from torch import nn
 
 from lorakit.core.layer import LoraLayer
+from lorakit.core.records import record
 from lorakit.errors import StateError
 from lorakit.mixtures.mixlora.config import MixLoraConfig
 from lorakit.mixtures.mixlora.router import dense_weights, jitter, top_k_routing
+
+ROUTER_LOGITS = "mixlora.router_logits"
+"""The record key of each MixLoRA FFN's ``(..., E)`` fp32 router logits (all tokens)."""
 
 
 class MixLoraFFN(nn.Module):
@@ -40,8 +46,6 @@ class MixLoraFFN(nn.Module):
         self.config = config
         self.experts = list(experts)
         """Expert adapter names; position i is the router's output i."""
-        self.router_logits: torch.Tensor | None = None
-        """(..., E) fp32 logits of the last forward (all tokens), for the load-balancing loss."""
 
     def extra_repr(self) -> str:
         return f"experts={len(self.experts)}, top_k={self.config.top_k}"
@@ -67,7 +71,7 @@ class MixLoraFFN(nn.Module):
             x = jitter(x, self.config.jitter_noise)
         flat = x.reshape(-1, x.shape[-1])  # (N, H)
         logits = self.router(flat)  # (N, E), fp32
-        self.router_logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+        record(ROUTER_LOGITS, logits.reshape(*x.shape[:-1], logits.shape[-1]))  # (..., E): the balancing loss
         weights, chosen = top_k_routing(logits, self.config.top_k)  # (N, k) each
         gate, up = self.gate_proj.base_layer(flat), self.up_proj.base_layer(flat)  # once for all experts
         if sparse:

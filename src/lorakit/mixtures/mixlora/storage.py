@@ -8,7 +8,8 @@ adapter, so an expert alone loads in PEFT as a plain LoRA of the FFN) and ``rout
 then replaces the config atomically (the commit), then removes older folders: a save that stops
 half-way leaves the previous save loading as it was. Loading checks the config, the FFNs and every
 router against the base before it changes the model, and removes what it attached if an adapter
-fails to load.
+fails to load. ``lorakit.json`` (kind ``mixlora``) is committed with the config; a directory lorakit 0.1
+wrote (without it) is recognised by its ``mixlora_config.json``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from torch import nn
 from lorakit.core.lifecycle import delete_adapter
 from lorakit.errors import ConfigError, FormatError, StateError
 from lorakit.io.adapters import base_model_name, load_adapter, save_adapter
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
+from lorakit.io.metadata import METADATA_FILE, metadata_writer
+from lorakit.io.recorded_base import base_for
 from lorakit.mixtures.mixlora.attach import ATTENTION, expert_names, mixlora_layers, new_router, wrap_ffns
 from lorakit.mixtures.mixlora.config import MixLoraConfig
 from lorakit.mixtures.mixlora.ffn import MixLoraFFN
 from lorakit.mixtures.mixlora.router import Router
 from lorakit.mixtures.mixlora.structure import find_ffns
 
+MIXLORA_KIND = "mixlora"
 CONFIG_FILE = "mixlora_config.json"
 ROUTERS_FILE = "routers.safetensors"
 _FOLDER = re.compile(r"mixlora-[0-9a-f]{8}")
@@ -67,7 +72,8 @@ def save_mixlora(model: nn.Module, path: str | Path) -> Path:
     saved = {"mixlora": dataclasses.asdict(config), "experts": list(first.experts), "folder": folder,
              "layers": [name for name, _ in layers], "base_model_name_or_path": base_model_name(model)}
     write_all_atomically({directory / folder / ROUTERS_FILE: tensor_writer(routers),
-                          directory / CONFIG_FILE: json_writer(saved)})
+                          directory / CONFIG_FILE: json_writer(saved),
+                          directory / METADATA_FILE: metadata_writer(MIXLORA_KIND)})
     for stale in directory.iterdir():  # folders of earlier or interrupted saves
         if stale.is_dir() and _FOLDER.fullmatch(stale.name) and stale.name != folder:
             shutil.rmtree(stale)
@@ -120,6 +126,11 @@ def read_routers(model: nn.Module, directory: Path, config: MixLoraConfig, layer
     return routers
 
 
+def saved_adapter_names(config: MixLoraConfig) -> tuple[str, ...]:
+    """The adapters a MixLoRA save holds, in load order: the attention adapter (if any), then the experts."""
+    return tuple(([ATTENTION] if config.attention_targets else []) + expert_names(config))
+
+
 def load_mixlora(model: nn.Module, path: str | Path, *, trainable: bool = False) -> list[MixLoraFFN]:
     """Make ``model`` (the base the MixLoRA model was trained on) the saved MixLoRA model; returns its FFNs.
 
@@ -129,7 +140,7 @@ def load_mixlora(model: nn.Module, path: str | Path, *, trainable: bool = False)
     directory = Path(path)
     config, layers = read_config(directory)
     routers = read_routers(model, directory, config, layers)
-    names = ([ATTENTION] if config.attention_targets else []) + expert_names(config)
+    names = saved_adapter_names(config)
     loaded = []
     try:
         for name in names:
@@ -142,3 +153,27 @@ def load_mixlora(model: nn.Module, path: str | Path, *, trainable: bool = False)
     for router in routers.values():
         router.requires_grad_(trainable)
     return wrap_ffns(model, layers, config, routers)
+
+
+def _load(directory: Path, model: nn.Module | None) -> Loaded:
+    base, tokenizer = base_for(model, load_json(directory / CONFIG_FILE).get("base_model_name_or_path"),
+                               directory / CONFIG_FILE)
+    load_mixlora(base, directory)
+    names = saved_adapter_names(read_config(directory)[0])
+    return Loaded(kind=MIXLORA_KIND, path=directory, model=base, base=base, tokenizer=tokenizer, adapters=names)
+
+
+def _describe(directory: Path) -> dict:
+    config, layers = read_config(directory)
+    return {"path": str(directory), "base_model": load_json(directory / CONFIG_FILE).get("base_model_name_or_path"),
+            "mixlora": dataclasses.asdict(config), "experts": expert_names(config), "feed_forward_blocks": layers}
+
+
+def _recognise(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and "mixlora" in load_json(directory / CONFIG_FILE)
+
+
+register_kind(DirectoryKind(
+    name=MIXLORA_KIND, holds="a MixLoRA model (LoRA experts routed inside each feed-forward block)", load=_load,
+    describe=_describe, recognise=_recognise, recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
+    routed="its experts are routed per token inside each feed-forward block"))

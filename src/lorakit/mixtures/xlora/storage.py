@@ -2,9 +2,12 @@
 
 A directory holds ``xlora_config.json`` (the X-LoRA config, the expert names and where each expert
 lives, the adapted modules in slot order, the base model) and ``xlora_classifier.safetensors``.
-Experts are referenced by absolute path, or copied into ``experts/<name>/`` (PEFT format) with
+Experts are referenced by path (relative to the directory when they sit inside or beside it, so a moved
+or copied run still loads; absolute otherwise), or copied into ``experts/<name>/`` (PEFT format) with
 ``bundle=True`` so the directory is self-contained; trainable experts are always copied, since
 training changed them. Loading checks that the experts fit the base and that the classifier fits.
+``lorakit.json`` names the kind ``xlora``; a directory lorakit 0.1 wrote (without it, experts by absolute
+path) is recognised by its ``xlora_config.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from torch import nn
 
 from lorakit.errors import FormatError
 from lorakit.io.adapters import base_model_name, load_adapter, save_adapter
-from lorakit.io.files import load_json, load_tensors, save_json, save_tensors
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
+from lorakit.io.metadata import METADATA_FILE, metadata_writer
+from lorakit.io.paths import portable_path, recorded_directory
+from lorakit.io.recorded_base import base_for
 from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
 
+XLORA_KIND = "xlora"
 CONFIG_FILE = "xlora_config.json"
 CLASSIFIER_FILE = "xlora_classifier.safetensors"
 EXPERTS_DIR = "experts"
@@ -38,24 +46,26 @@ def save_xlora(model: XLoraModel, path: str | Path, expert_paths: Mapping[str, s
             save_adapter(model.base, directory / EXPERTS_DIR / name, name)
             experts.append({"name": name, "path": f"{EXPERTS_DIR}/{name}"})
         else:
-            experts.append({"name": name, "path": str(Path(expert_paths[name]).resolve())})
-    save_tensors(directory / CLASSIFIER_FILE, model.classifier.state_dict())
-    save_json(directory / CONFIG_FILE, {
-        "xlora": dataclasses.asdict(model.config), "experts": experts, "layer_names": model.layer_names,
-        "hidden_size": model.base.config.hidden_size, "base_model_name_or_path": base_model_name(model.base)})
+            experts.append({"name": name, "path": portable_path(expert_paths[name], directory)})
+    config = {"xlora": dataclasses.asdict(model.config), "experts": experts, "layer_names": model.layer_names,
+              "hidden_size": model.base.config.hidden_size, "base_model_name_or_path": base_model_name(model.base)}
+    write_all_atomically({directory / CLASSIFIER_FILE: tensor_writer(model.classifier.state_dict()),
+                          directory / CONFIG_FILE: json_writer(config),
+                          directory / METADATA_FILE: metadata_writer(XLORA_KIND)})
     return directory
 
 
 def expert_paths(path: str | Path) -> dict[str, Path]:
-    """Where the experts of the saved X-LoRA model at ``path`` live."""
+    """Where the experts of the saved X-LoRA model at ``path`` live (relative paths resolved against it); a
+    missing expert is a :class:`FormatError` naming it and where it was looked for."""
     directory = Path(path)
-    saved = load_json(directory / CONFIG_FILE)
-    experts = saved.get("experts")
+    source = directory / CONFIG_FILE
+    experts = load_json(source).get("experts")
     if (not isinstance(experts, list) or not experts
             or not all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("path"), str)
                        for e in experts)):
-        raise FormatError(f"{directory / CONFIG_FILE}: 'experts' must be a non-empty list of {{name, path}}")
-    return {e["name"]: directory / e["path"] if not Path(e["path"]).is_absolute() else Path(e["path"])
+        raise FormatError(f"{source}: 'experts' must be a non-empty list of {{name, path}}")
+    return {e["name"]: recorded_directory(e["path"], directory, what=f"expert {e['name']!r}", source=source)
             for e in experts}
 
 
@@ -69,8 +79,6 @@ def load_xlora(base: nn.Module, path: str | Path) -> XLoraModel:
         raise FormatError(f"{directory / CONFIG_FILE}: invalid X-LoRA config ({err})") from None
     experts = expert_paths(directory)
     for name, expert in experts.items():
-        if not expert.is_dir():
-            raise FormatError(f"{directory / CONFIG_FILE}: expert {name!r} at {expert}: no such adapter directory")
         load_adapter(base, expert, name, activate=False, trainable=config.trainable_experts)
     model = XLoraModel(base, list(experts), config)
     if model.layer_names != saved.get("layer_names"):
@@ -83,3 +91,28 @@ def load_xlora(base: nn.Module, path: str | Path) -> XLoraModel:
     with torch.no_grad():
         model.classifier.load_state_dict(tensors)
     return model
+
+
+def _load(directory: Path, model: nn.Module | None) -> Loaded:
+    base, tokenizer = base_for(model, load_json(directory / CONFIG_FILE).get("base_model_name_or_path"),
+                               directory / CONFIG_FILE)
+    xmodel = load_xlora(base, directory).eval()
+    return Loaded(kind=XLORA_KIND, path=directory, model=xmodel, base=base, tokenizer=tokenizer,
+                  adapters=xmodel.experts)
+
+
+def _describe(directory: Path) -> dict:
+    saved = load_json(directory / CONFIG_FILE)
+    return {"path": str(directory), "base_model": saved.get("base_model_name_or_path"), "xlora": saved.get("xlora"),
+            "experts": {e.get("name"): e.get("path") for e in saved.get("experts") or [] if isinstance(e, dict)},
+            "modules": len(saved.get("layer_names") or [])}
+
+
+def _recognise(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and "xlora" in load_json(directory / CONFIG_FILE)
+
+
+register_kind(DirectoryKind(
+    name=XLORA_KIND, holds="an X-LoRA model (a classifier over LoRA experts)", load=_load, describe=_describe,
+    recognise=_recognise, recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
+    routed="its experts are mixed per token by a classifier"))

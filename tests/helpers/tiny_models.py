@@ -1,4 +1,4 @@
-"""Tiny models and helpers shared by the tests."""
+"""Tiny random models (Llama, GPT-2, a conv net), token batches, and adapters attached to them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import lorakit
+from lorakit import LoraConfig
 from lorakit.core.state import lora_layers
 
 VOCAB = 128
+#: The adapter the training tests attach (dropout on, so resume must restore the RNG too).
+LORA = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
+#: The adapter :func:`adapted` attaches by default.
+ALL_LINEAR = LoraConfig(rank=4, alpha=8, targets="all-linear")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -62,41 +68,17 @@ def logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return model(input_ids, **kwargs).logits
 
 
-CHAT_SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+def adapter_model(adapter_seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama with the training tests' adapter :data:`LORA` attached as ``default`` (B = 0)."""
+    model = tiny_llama()
+    torch.manual_seed(adapter_seed)
+    lorakit.attach(model, LORA)
+    return model
 
 
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII and newline, < 128 ids) with a ChatML template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {token: index for index, token in enumerate(CHAT_SPECIALS + alphabet)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-def run_interrupted(monkeypatch, at_step: int, run) -> None:
-    """Call ``run()`` with the training loop killed (KeyboardInterrupt) as it starts step ``at_step`` (0-based)."""
-    import pytest
-
-    from lorakit.train import loop
-
-    real_step = loop._Run._step
-
-    def crash(self, step):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop._Run, "_step", crash)
-        with pytest.raises(KeyboardInterrupt):
-            run()
+def adapted(make, config: LoraConfig = ALL_LINEAR) -> nn.Module:
+    """``make()`` with adapter ``default`` attached and perturbed, so that it changes the logits."""
+    model = make()
+    lorakit.attach(model, config)
+    perturb(model, "default")
+    return model

@@ -1,0 +1,57 @@
+"""What several command groups share: how a command is declared, and the flags of the training configs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from lorakit.cli.flags import ConfigFlags
+from lorakit.cli.values import module_names
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.models import DEFAULT_MODEL
+from lorakit.train.components import METHODS, OPTIMIZERS, REGULARIZERS
+
+TASK_EVAL_N = 100
+"""Held-out examples an evaluation scores for a built-in task unless ``--n`` says otherwise."""
+
+LORA = ConfigFlags(LoraConfig, exclude=("init",), spellings={"use_rslora": "--rslora"},
+                   parsers={"targets": module_names, "exclude": module_names})
+"""The adapter's flags (``init`` is ``lorakit train --init``, which also offers the data-driven inits)."""
+
+TRAIN = ConfigFlags(TrainConfig, spellings={"options": "--option"},
+                    choices={name: {key: entry.summary for key, entry in registry.items()}
+                             for name, registry in (("optimizer", OPTIMIZERS), ("method", METHODS),
+                                                    ("regularizer", REGULARIZERS))})
+"""The training run's flags."""
+
+MIXTURE_TRAIN = dataclasses.replace(TRAIN, exclude=("full", "optimizer", "method", "regularizer", "options"))
+"""The training flags of a mixture's own training (``xlora train``, ``meteora train``): no method to choose."""
+
+
+def command(commands, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, *,
+            base: bool = True, configs: Sequence[ConfigFlags] = ()) -> argparse.ArgumentParser:
+    """A subcommand running ``handler(args)``, with ``--base`` unless ``base=False`` and the flags of ``configs``
+    (recorded as the parser's ``config_flags`` default, for the tests that compare them with the library)."""
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler, prog=sub.prog, config_flags=tuple(configs))
+    if base:
+        sub.add_argument("--base", default=DEFAULT_MODEL,
+                         help=f"base model: {DEFAULT_MODEL!r}, a local directory or a hub id (default: %(default)s)")
+    for flags in configs:
+        flags.add(sub)
+    return sub
+
+
+def command_group(commands, name: str, help_text: str):
+    """A subcommand whose actions are subcommands themselves (``lorakit xlora train``)."""
+    group = commands.add_parser(name, help=help_text, description=help_text)
+    return group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def example_count(data: str, n: int | None, task_default: int) -> int | None:
+    """How many examples a command reads: ``n`` if given, else all of a JSONL file or ``task_default``
+    of a built-in task (whose splits hold thousands)."""
+    if n is not None or not data.startswith("task:"):
+        return n
+    return task_default

@@ -1,0 +1,53 @@
+"""The ``adapter`` kind: a LoRA adapter in the PEFT format (lorakit's, a LoRA-GA or DyLoRA export, or PEFT's).
+
+Without ``lorakit.json`` a directory is an adapter when its ``adapter_config.json`` has a ``peft_type``
+(a foreign PEFT adapter, or one lorakit 0.1 wrote); a type other than ``LORA`` is refused when loading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.io.adapters import ADAPTER_KIND, CONFIG_FILE, KEY_PREFIX, load_adapter, read_adapter
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.files import load_json
+from lorakit.io.recorded_base import base_for
+
+DEFAULT_NAME = "default"
+
+
+def _recognise(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and "peft_type" in load_json(directory / CONFIG_FILE)
+
+
+def _load(directory: Path, model: nn.Module | None) -> Loaded:
+    recorded = load_json(directory / CONFIG_FILE).get("base_model_name_or_path")
+    base, tokenizer = base_for(model, recorded, directory / CONFIG_FILE)
+    name = load_adapter(base, directory, DEFAULT_NAME)
+    return Loaded(kind=ADAPTER_KIND, path=directory, model=base, base=base, tokenizer=tokenizer, adapters=(name,))
+
+
+def describe_adapter(path: str | Path) -> dict[str, Any]:
+    """What an adapter directory holds: its config, modules, ranks, parameter count and tensor norms."""
+    config, raw, tensors = read_adapter(path)
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in sorted(tensors.items()):
+        module, _, part = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
+        entry = modules.setdefault(module, {})
+        side = "A" if part.startswith(("A", "embedding_A")) else "B"
+        entry[f"{side}_shape"] = list(tensor.shape)
+        entry[f"{side}_norm"] = float(tensor.float().norm())
+    for module, entry in modules.items():
+        entry["rank"] = entry["A_shape"][0]
+        entry["scale"] = config.scale_for(module)
+    return {"path": str(path), "base_model": raw.get("base_model_name_or_path"), "rank": config.rank,
+            "alpha": config.alpha, "use_rslora": config.use_rslora, "target_modules": raw.get("target_modules"),
+            "parameters": sum(t.numel() for t in tensors.values()), "modules": modules}
+
+
+ADAPTER = register_kind(DirectoryKind(
+    name=ADAPTER_KIND, holds="a LoRA adapter in the PEFT format", load=_load, describe=describe_adapter,
+    recognise=_recognise, recognised_by=f"{CONFIG_FILE} with a peft_type"))

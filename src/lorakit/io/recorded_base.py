@@ -1,0 +1,22 @@
+"""The base model a directory records, loaded when :func:`lorakit.load` is given no model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.errors import FormatError
+from lorakit.models import load_model
+
+
+def base_for(model: nn.Module | None, recorded: Any, source: Path) -> tuple[nn.Module, Any | None]:
+    """``model`` (and no tokenizer), or, when it is None, the base model ``recorded`` in the file ``source``
+    with its tokenizer (:func:`lorakit.models.load_model`, which serves the default model's hub id locally)."""
+    if model is not None:
+        return model, None
+    if not isinstance(recorded, str) or not recorded:
+        raise FormatError(f"{source}: records no base model (found {recorded!r}); pass the base model to load "
+                          "it into (lorakit.load(path, model), or --base on the command line)")
+    return load_model(recorded)

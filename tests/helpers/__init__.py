@@ -1,0 +1,24 @@
+"""Helpers shared by the tests: tiny models (:mod:`.tiny_models`), a tokenizer (:mod:`.chat_tokenizer`),
+example data (:mod:`.example_data`) and an interrupted training run (:mod:`.interrupt`)."""
+
+from .chat_tokenizer import CHAT_SPECIALS, CHATML, char_tokenizer
+from .example_data import copy_examples, labelled_batch, reference
+from .interrupt import run_interrupted
+from .tiny_models import (
+    LORA,
+    VOCAB,
+    TinyConvNet,
+    adapted,
+    adapter_model,
+    logits,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
+
+__all__ = [
+    "CHATML", "CHAT_SPECIALS", "LORA", "VOCAB", "TinyConvNet", "adapted", "adapter_model", "char_tokenizer",
+    "copy_examples", "labelled_batch", "logits", "perturb", "reference", "run_interrupted", "tiny_gpt2",
+    "tiny_llama", "token_batch",
+]
