@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` and `make test`. Both build .venv/ first.
+# The two commands of the README: `make demo` and `make test`; `make lint` is CI's static check. All build .venv/ first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV)

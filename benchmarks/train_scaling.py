@@ -25,10 +25,12 @@ AXES = {"rank": (1, 4, 16, 64, 256), "length": (64, 128, 256, 512, 1024), "adapt
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table: one line per point, both libraries and the ratios."""
     lines = ["| axis | value | peft s/step | lorakit s/step | time lorakit/peft | peft / lorakit share of matmul peak "
-             "| peft peak MiB | lorakit peak MiB | memory lorakit/peft |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peft peak MiB | lorakit peak MiB | memory lorakit/peft |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peft, ours = row["peft"], row["lorakit"]
-        lines.append(f"| {row['axis']} | {row['value']} | {peft['seconds_per_step']:.2f} | {ours['seconds_per_step']:.2f} "
+        lines.append(f"| {row['axis']} | {row['value']} "
+                     f"| {peft['seconds_per_step']:.2f} | {ours['seconds_per_step']:.2f} "
                      f"| {ours['seconds_per_step'] / peft['seconds_per_step']:.2f} "
                      f"| {peft['fraction_of_matmul_peak']:.0%} / {ours['fraction_of_matmul_peak']:.0%} "
                      f"| {peft['peak_rss_mib']:.0f} | {ours['peak_rss_mib']:.0f} "

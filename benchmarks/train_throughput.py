@@ -75,7 +75,8 @@ def batch_of(setting: Setting, tokenizer) -> dict:
     from lorakit.data.encoding import encode, pad_id
     from lorakit.data.tasks import get_task
     examples = get_task("date").examples("train", setting.batch)
-    return collate([encode(e, tokenizer, chat=True, max_length=setting.length) for e in examples], pad_id=pad_id(tokenizer))
+    encoded = [encode(e, tokenizer, chat=True, max_length=setting.length) for e in examples]
+    return collate(encoded, pad_id=pad_id(tokenizer))
 
 
 def matmul_flops_per_s(seconds: float = 3.0) -> float:
@@ -197,9 +198,9 @@ def compare(steps: int, repeats: int, setting: Setting) -> dict:
     for key in ("tokens_per_s", "peak_rss_mib", "fraction_of_matmul_peak"):
         for library, records in results.items():
             summary[f"{library}_{key}"] = statistics.median(r[key] for r in records)
-    pairs = list(zip(results["peft"], results["lorakit"]))
-    summary["speed_ratio_lorakit_over_peft"] = statistics.median(o["tokens_per_s"] / p["tokens_per_s"] for p, o in pairs)
-    summary["memory_ratio_lorakit_over_peft"] = statistics.median(o["peak_rss_mib"] / p["peak_rss_mib"] for p, o in pairs)
+    pairs = list(zip(results["peft"], results["lorakit"], strict=True))
+    for key, name in (("tokens_per_s", "speed"), ("peak_rss_mib", "memory")):
+        summary[f"{name}_ratio_lorakit_over_peft"] = statistics.median(o[key] / p[key] for p, o in pairs)
     return summary
 
 

@@ -28,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,13 +114,13 @@ def generation_benchmark(args, base, lora_model, peft_model, experts, tokenizer)
     }
     with torch.no_grad():
         outputs = {name: fn(args.new_tokens) for name, fn in methods.items()}  # warm-up, and the tokens
-        for name, fn in methods.items():
+        for fn in methods.values():
             fn(1)
         times: dict[str, dict[int, list[float]]] = {name: {1: [], args.new_tokens: []} for name in methods}
         for repeat in range(args.repeats):
             for name, fn in methods.items():
                 for n in (1, args.new_tokens):
-                    seconds = timed(lambda: fn(n))
+                    seconds = timed(partial(fn, n))
                     times[name][n].append(seconds)
                     emit({"measurement": "generate", "method": name, "new_tokens": n, "repeat": repeat,
                           "seconds": round(seconds, 4)})
@@ -143,6 +144,14 @@ def generation_benchmark(args, base, lora_model, peft_model, experts, tokenizer)
     return results
 
 
+def forward_runs(sparse: XLoraModel, dense: XLoraModel, ids, scalings, masked) -> dict:
+    """The forwards :func:`sparse_benchmark` times on one batch: the sparse real pass, the dense one with the
+    other scalings zeroed (``masked``), and the sparse model's full forward (scaling pass included)."""
+    return {"sparse_top2": lambda: sparse(ids, scalings=scalings).logits,
+            "dense_masked": lambda: dense(ids, scalings=masked).logits,
+            "full_forward_sparse_top2": lambda: sparse(ids).logits}
+
+
 def sparse_benchmark(args, lora_model, tokenizer, root: Path) -> list[dict]:
     """Many experts, top_k=2: the sparse real pass vs the dense real pass with the other scalings zeroed,
     for a batch of prompts and for a single token (the decoding case)."""
@@ -160,13 +169,11 @@ def sparse_benchmark(args, lora_model, tokenizer, root: Path) -> list[dict]:
             scalings = sparse(ids).scalings  # (B, S, L, N), from the scaling pass and the classifier
             kept = scalings.topk(2, dim=-1).indices
             masked = torch.zeros_like(scalings).scatter(-1, kept, scalings.gather(-1, kept))
-            runs = {"sparse_top2": lambda: sparse(ids, scalings=scalings).logits,
-                    "dense_masked": lambda: dense(ids, scalings=masked).logits,
-                    "full_forward_sparse_top2": lambda: sparse(ids).logits}
+            runs = forward_runs(sparse, dense, ids, scalings, masked)
             logits = {name: fn() for name, fn in runs.items()}  # warm-up
             repeats = args.repeats if ids.numel() > 1 else 5 * args.repeats
             times = {name: [] for name in runs}
-            for repeat in range(repeats):
+            for _ in range(repeats):
                 for name, fn in runs.items():
                     times[name].append(timed(fn))
         for name, values in times.items():

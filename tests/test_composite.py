@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 
 import lorakit
-from lorakit.eval.composite import (INSTRUCTION, composite_examples, evaluate_composite, numbered_answers,
-                               score_composite)
 from lorakit.data.tasks import get_task
+from lorakit.eval.composite import (
+    INSTRUCTION,
+    composite_examples,
+    evaluate_composite,
+    numbered_answers,
+    score_composite,
+)
 from tests.helpers import char_tokenizer, tiny_llama
 
 

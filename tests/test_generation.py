@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.eval import exact_match as evaluation
 from lorakit.data.encoding import encode, prompt_ids
 from lorakit.data.example import Example
+from lorakit.eval import exact_match as evaluation
 from lorakit.eval.exact_match import evaluate
 from lorakit.eval.generate import generate
 from tests.helpers import char_tokenizer, perturb, tiny_llama

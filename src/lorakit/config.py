@@ -17,7 +17,17 @@ from lorakit.errors import ConfigError
 ALL_LINEAR = "all-linear"
 """Target shorthand: every linear layer (``nn.Linear`` and GPT-2 ``Conv1D``) except the output head."""
 
-INITS = ("default", "gaussian", "zeros")
+INITS: Mapping[str, str] = {
+    "kaiming": "A Kaiming-uniform, B = 0 (embeddings: A = 0, B normal), PEFT's default",
+    "gaussian": "A ~ N(0, 1/r^2), B = 0",
+    "zeros": "A = B = 0",
+    "lora-ga": "LoRA-GA: A, B from the SVD of the gradient on the first training batches, the base offset",
+    "eva": "EVA: A from the principal components of each layer's inputs, ranks redistributed",
+}
+"""Every way an adapter can start, by the one name Python (``LoraConfig.init``) and the CLI (``--init``) use."""
+DATA_DRIVEN_INITS = frozenset({"lora-ga", "eva"})
+"""The inits that look at training data first: ``attach`` refuses them;
+:func:`lorakit.train.prepare.prepare_adapter` (what ``lorakit train --init`` runs) estimates, then attaches."""
 
 
 def _is_int(value: Any) -> bool:
@@ -71,9 +81,10 @@ class LoraConfig:
     name (as ``re.match(rf"(.*\\.)?({key})$", name)``, PEFT's rule); the first match wins."""
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, matched like ``rank_pattern``."""
-    init: str = "default"
-    """``"default"``: A Kaiming-uniform, B = 0 (embeddings: A = 0, B normal), so the model starts
-    unchanged; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0; ``"zeros"``: A = B = 0."""
+    init: str = "kaiming"
+    """How the adapter starts, one of :data:`INITS`: ``"kaiming"``, ``"gaussian"`` and ``"zeros"`` leave the
+    model unchanged; ``"lora-ga"`` and ``"eva"`` are computed from data by
+    :func:`lorakit.train.prepare.prepare_adapter`."""
 
     def __post_init__(self) -> None:
         _require(_is_int(self.rank) and self.rank > 0,

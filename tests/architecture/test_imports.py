@@ -169,3 +169,19 @@ def test_a_cycle_through_three_modules_is_reported_from_where_it_closes():
     a_b, b_c, c_b = (Import("lorakit.a", "lorakit.b", 1), Import("lorakit.b", "lorakit.c", 2),
                      Import("lorakit.c", "lorakit.b", 3))
     assert _cycle({"lorakit.a": [a_b], "lorakit.b": [b_c], "lorakit.c": [c_b]}) == [b_c, c_b]
+
+
+FAMILY_MODULES = {"config", "model", "storage"}
+"""Names that several sibling packages use for the same part of their own family (each mixture's config,
+model and storage); any other name means one concept, so it lives in one module."""
+
+
+def test_no_two_modules_share_a_name_across_packages():
+    by_name: dict[str, list[str]] = {}
+    for module in all_modules():
+        name = module.rpartition(".")[2]
+        if PACKAGE.joinpath(*module.split(".")[1:], "__init__.py").is_file() or name in FAMILY_MODULES:
+            continue  # a package, or a family module
+        by_name.setdefault(name, []).append(module)
+    shared = {name: modules for name, modules in by_name.items() if len(modules) > 1}
+    assert not shared, f"modules that share a name: {shared}"

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import ConfigError, FormatError, LoraConfig
-from lorakit.cli.main import main
 from lorakit.cli.combine_commands import adapter_argument
+from lorakit.cli.main import main
 from lorakit.combine import combine_adapters
 from lorakit.core.state import lora_layers
 from tests.helpers import TinyConvNet, logits, perturb, tiny_llama, token_batch
@@ -100,7 +100,7 @@ def sharing(request, tmp_path_factory):
 
 @pytest.mark.parametrize("mode, rank", [("cat", None), ("svd", 16)])
 def test_cat_and_full_rank_svd_equal_the_weighted_sum_per_module(sources, tmp_path, mode, rank):
-    report = combine_adapters(list(zip(sources, WEIGHTS)), tmp_path / "c", mode=mode, rank=rank)
+    report = combine_adapters(list(zip(sources, WEIGHTS, strict=True)), tmp_path / "c", mode=mode, rank=rank)
     want = reference(sources, WEIGHTS)
     assert_same_deltas(combined_deltas(tmp_path / "c"), want)
     assert len(want) == 2 * 4 + 1  # the union: q, v, o, down on both layers, and the embedding
@@ -111,7 +111,7 @@ def test_cat_and_full_rank_svd_equal_the_weighted_sum_per_module(sources, tmp_pa
 
 
 def test_linear_sums_the_other_factor_exactly_when_one_is_shared(sharing, tmp_path):
-    report = combine_adapters(list(zip(sharing, WEIGHTS)), tmp_path / "c", mode="linear")
+    report = combine_adapters(list(zip(sharing, WEIGHTS, strict=True)), tmp_path / "c", mode="linear")
     assert_same_deltas(combined_deltas(tmp_path / "c"), reference(sharing, WEIGHTS))
     assert report.ranks[Q0] == 4
     config = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
@@ -121,7 +121,7 @@ def test_linear_sums_the_other_factor_exactly_when_one_is_shared(sharing, tmp_pa
 @pytest.mark.parametrize("mode, rank", [("cat", None), ("svd", 16)])
 def test_combined_logits_equal_the_weighted_active_sources_in_lorakit_and_peft(sources, tmp_path, mode, rank):
     ids = token_batch()
-    combine_adapters(list(zip(sources, WEIGHTS)), tmp_path / "c", mode=mode, rank=rank)
+    combine_adapters(list(zip(sources, WEIGHTS, strict=True)), tmp_path / "c", mode=mode, rank=rank)
     model = with_adapters(*sources)
     lorakit.set_active(model, "s0", "s1", weights=list(WEIGHTS))
     want = logits(model, ids)
@@ -134,7 +134,7 @@ def test_combined_logits_equal_the_weighted_active_sources_in_lorakit_and_peft(s
 
 def test_linear_logits_equal_the_weighted_active_sources(sharing, tmp_path):
     ids = token_batch()
-    combine_adapters(list(zip(sharing, WEIGHTS)), tmp_path / "c", mode="linear")
+    combine_adapters(list(zip(sharing, WEIGHTS, strict=True)), tmp_path / "c", mode="linear")
     model = with_adapters(*sharing)
     lorakit.set_active(model, "s0", "s1", weights=list(WEIGHTS))
     torch.testing.assert_close(logits(with_adapters(tmp_path / "c"), ids), logits(model, ids), atol=1e-5, rtol=1e-5)
@@ -168,7 +168,7 @@ def test_weight_minus_one_negates_and_a_repeated_path_adds(sources, tmp_path, mo
 
 
 def test_svd_reports_the_error_of_the_truncation_it_wrote(sources, tmp_path):
-    report = combine_adapters(list(zip(sources, WEIGHTS)), tmp_path / "c", mode="svd", rank=2)
+    report = combine_adapters(list(zip(sources, WEIGHTS, strict=True)), tmp_path / "c", mode="svd", rank=2)
     want, got = reference(sources, WEIGHTS), combined_deltas(tmp_path / "c")
     assert set(report.ranks.values()) == {2}
     dropped = total = 0.0
@@ -190,7 +190,7 @@ def test_linear_refuses_independent_adapters_with_the_reason(sources, tmp_path):
     with pytest.raises(ConfigError, match=r"not exact on module 'model\.embed_tokens'.*cross terms.*'cat'"):
         combine_adapters([(sources[0], 1.0), (other, 1.0)], tmp_path / "c", mode="linear")
     with pytest.raises(ConfigError, match=r"b has no adapter on module 'model\.embed_tokens'.*'cat'"):
-        combine_adapters(list(zip(sources, WEIGHTS)), tmp_path / "c", mode="linear")
+        combine_adapters(list(zip(sources, WEIGHTS, strict=True)), tmp_path / "c", mode="linear")
     assert not (tmp_path / "c").exists()
 
 
@@ -232,7 +232,8 @@ def test_a_non_empty_out_is_refused_and_left_alone_unless_overwrite(sources, tmp
         combine_adapters([(sources[0], 1.0)], out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     combine_adapters([(sources[0], 1.0)], out, overwrite=True)
-    assert {p.name for p in out.iterdir()} == {"keep.txt", "adapter_config.json", "adapter_model.safetensors", "lorakit.json"}
+    assert {p.name for p in out.iterdir()} == {"keep.txt", "adapter_config.json", "adapter_model.safetensors",
+                                               "lorakit.json"}
 
 
 @pytest.mark.parametrize("adapters, mode, rank, message", [

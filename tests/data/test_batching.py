@@ -98,7 +98,7 @@ def test_every_example_appears_once_per_epoch():
     examples = dataset()
     batches = Batches(examples, batch_size=5, pad_id=0, seed=1, bucket=True)
     seen = sorted(tuple(row[mask.bool()].tolist()) for batch in batches.epoch(2)
-                  for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
+                  for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True))
     assert seen == sorted(tuple(e.input_ids) for e in examples)
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lorakit.data import IGNORE_INDEX, Example, Message, encode, get_task, prompt_ids, prompt_text, task_names, use_chat
 from lorakit.data.chat import render
 from lorakit.errors import DataError
-from tests.data.conftest import toy_tokenizer, token_id
+from tests.data.conftest import token_id, toy_tokenizer
 
 X = IGNORE_INDEX
 PAIR = Example(prompt="Reverse planet", completion="tenalp")
@@ -160,5 +160,5 @@ def test_smollm2_supervised_tokens_decode_to_the_completion(smol, prompt, comple
     encoded = encode(example, smol, chat=chat, max_length=None)
     prefix = prompt_ids(smol, example, chat=chat)
     assert encoded.input_ids[: len(prefix)] == prefix
-    assert all(label in (X, token) for label, token in zip(encoded.labels, encoded.input_ids))
+    assert all(label in (X, token) for label, token in zip(encoded.labels, encoded.input_ids, strict=True))
     assert smol.decode([t for t in encoded.labels if t != X]) == completion + "<|im_end|>"

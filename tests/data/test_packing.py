@@ -57,7 +57,7 @@ def test_packed_examples_do_not_attend_to_each_other(make_model, attention):
     predicted = [sum(label != X for label in e.labels[1:]) for e in examples]
     with torch.no_grad():
         sums = [model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss * n
-                for e, n in zip(examples, predicted)]
+                for e, n in zip(examples, predicted, strict=True)]
     torch.testing.assert_close(packed.loss, sum(sums) / sum(predicted))
 
 

@@ -49,7 +49,8 @@ def solve_count(text: str, letter: str) -> str:
 SOLVERS = {
     "add": (r"Add the two numbers: (\d+ \+ \d+)", solve_add),
     "caps": (r"Capitalise the first letter of every word: ([a-z ]+)", string.capwords),
-    "count": (r"Count how many times the letter ([a-z]) appears in: ([a-z]+)", lambda l, t: solve_count(t, l)),
+    "count": (r"Count how many times the letter ([a-z]) appears in: ([a-z]+)",
+              lambda letter, text: solve_count(text, letter)),
     "date": (r"Write this date in the format YYYY-MM-DD: (.+)", solve_date),
     "reverse": (r"Reverse the letters of the word: ([a-z]+)", lambda word: "".join(reversed(word))),
     "sort": (r"Sort these numbers in ascending order: ([\d, ]+)",

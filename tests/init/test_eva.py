@@ -16,8 +16,8 @@ from lorakit.core.state import lora_layers
 from lorakit.errors import AdapterError, ConfigError, FormatError, TargetError
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
 from lorakit.init.eva.estimate import TENSORS_FILE, EvaEstimate, EvaModule
-from lorakit.init.eva.ranks import redistribute
 from lorakit.init.eva.incremental_pca import IncrementalPCA, sign_of_largest
+from lorakit.init.eva.ranks import redistribute
 from tests.helpers import logits, tiny_llama, token_batch
 
 CONFIG = LoraConfig(rank=4, alpha=8)
@@ -186,9 +186,15 @@ def assert_same_estimate(first: EvaEstimate, second: EvaEstimate, same: bool = T
 
 
 def test_padded_and_unsupervised_tokens_are_ignored():
-    run = lambda batches, **kw: estimate_eva(tiny_llama(), batches, CONFIG, max_batches=4, progress=False, **kw)
-    padded = lambda b: b["attention_mask"] == 0
-    unsupervised = lambda b: (b["labels"] == -100) & (b["attention_mask"] == 1)
+    def run(batches, **kw):
+        return estimate_eva(tiny_llama(), batches, CONFIG, max_batches=4, progress=False, **kw)
+
+    def padded(b):
+        return b["attention_mask"] == 0
+
+    def unsupervised(b):
+        return (b["labels"] == -100) & (b["attention_mask"] == 1)
+
     unlabelled = run(lm_batches(4), use_label_mask=False)  # only the attention mask selects tokens
     assert_same_estimate(unlabelled, run(rewrite(lm_batches(4), padded), use_label_mask=False))
     assert_same_estimate(unlabelled, run(rewrite(lm_batches(4), unsupervised), use_label_mask=False), same=False)
@@ -272,7 +278,9 @@ def test_bad_settings_and_targets_are_refused():
         estimate_eva(tiny_llama(), lm_batches(1), LoraConfig(targets=("embed_tokens",)))
     with pytest.raises(lorakit.DataError, match="at least one batch"):
         estimate_eva(tiny_llama(), [], CONFIG)
-    hooks = lambda model: sum(len(m._forward_pre_hooks) for m in model.modules())
+    def hooks(model):
+        return sum(len(m._forward_pre_hooks) for m in model.modules())
+
     model = tiny_llama()
     with pytest.raises(lorakit.DataError, match="tokens"):
         estimate_eva(model, itertools.repeat({"input_ids": token_batch(1, 4)}, 3), CONFIG, progress=False)

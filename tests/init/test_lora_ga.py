@@ -15,8 +15,15 @@ from lorakit.core.state import model_state
 from lorakit.data.batching import collate
 from lorakit.data.encoding import encode
 from lorakit.data.example import Example
-from lorakit.init.lora_ga import (GradientEstimate, LoraGaInit, estimate_gradients, init_lora_ga, offset_base,
-                                  restore_base, save_lora_ga_adapter)
+from lorakit.init.lora_ga import (
+    GradientEstimate,
+    LoraGaInit,
+    estimate_gradients,
+    init_lora_ga,
+    offset_base,
+    restore_base,
+    save_lora_ga_adapter,
+)
 from lorakit.init.lora_ga.svd_factors import lora_ga_factors
 from lorakit.io.files import save_tensors
 from lorakit.models.supervised_loss import summed_loss, supervised_tokens

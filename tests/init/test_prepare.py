@@ -3,6 +3,7 @@ original base, and an interrupted run resumes to the same adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -24,7 +25,8 @@ CONFIG = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, seed=2)
 def run(init: str, out, *, resume: bool = False):
     model = tiny_llama()
     examples = copy_examples(16)
-    prepared = prepare_adapter(model, char_tokenizer(), examples, LORA, CONFIG, init, run_dir=out, resume=resume)
+    lora = dataclasses.replace(LORA, init=init)
+    prepared = prepare_adapter(model, char_tokenizer(), examples, lora, CONFIG, run_dir=out, resume=resume)
     train(model, char_tokenizer(), examples, CONFIG, out_dir=out, overwrite=True, resume=out if resume else None,
           components=prepared.components, progress=False)
     return model.eval()
@@ -62,10 +64,11 @@ def test_cli_records_the_eva_shapes_so_resume_attaches_them(tmp_path):
     save_jsonl(tmp_path / "train.jsonl", copy_examples(16))
     out = tmp_path / "run"
     args = ["train", "--base", str(base), "--data", str(tmp_path / "train.jsonl"), "--out", str(out), "--steps", "2",
-            "--batch-size", "4", "--rank", "4", "--targets", "q_proj,v_proj,down_proj", "--init", "eva", "--save-every", "1", "--quiet"]
+            "--batch-size", "4", "--rank", "4", "--targets", "q_proj,v_proj,down_proj", "--init", "eva",
+            "--save-every", "1", "--quiet"]
     assert main(args) == 0
     recorded = json.loads((out / "run.json").read_text())
-    assert recorded["init"] == "eva" and recorded["lora"]["rank_pattern"]
+    assert recorded["lora"]["init"] == "eva" and recorded["lora"]["rank_pattern"]
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == recorded["lora"]["rank_pattern"]
     before = (out / "adapter_model.safetensors").read_bytes()
@@ -75,5 +78,10 @@ def test_cli_records_the_eva_shapes_so_resume_attaches_them(tmp_path):
 
 def test_unknown_init_is_refused():
     with pytest.raises(lorakit.ConfigError, match="init='pissa'"):
-        prepare_adapter(tiny_llama(), char_tokenizer(), copy_examples(4), LORA, CONFIG, "pissa", run_dir=None,
-                        resume=False)
+        dataclasses.replace(LORA, init="pissa")
+
+
+@pytest.mark.parametrize("init", ["lora-ga", "eva"])
+def test_attach_refuses_a_data_driven_init_and_says_what_runs_it(init):
+    with pytest.raises(lorakit.ConfigError, match=f"init='{init}' computes the adapter from training data.*prepare"):
+        lorakit.attach(tiny_llama(), dataclasses.replace(LORA, init=init))

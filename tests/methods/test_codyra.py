@@ -50,7 +50,7 @@ def test_the_threshold_is_zero_while_dense_then_rises_stepwise_to_max_kappa():
     values = [threshold_at(s, 100, max_kappa=0.01, dense_fraction=0.5, stages=5) for s in range(100)]
     assert values[:50] == [0.0] * 50
     assert values[50] == pytest.approx(0.01 / 4) and values[-1] == pytest.approx(0.01)
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
     assert sorted(set(values[50:])) == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
 
 
@@ -106,8 +106,8 @@ def test_training_with_codyra_sparsifies_the_gates_and_saves_a_pruned_adapter(tm
     finally:
         CodyraSchedule.after_step = real_after
     assert zeros[:10] == [0] * 10 and zeros[-1] >= 10  # dense half, then the share of zero gates rises
-    assert all(b >= a for a, b in zip(zeros, zeros[1:]))
-    pruned = {m: a.rank for m, l in lorakit.core.state.lora_layers(model) for a in l.adapters.values()}
+    assert all(b >= a for a, b in zip(zeros, zeros[1:], strict=False))
+    pruned = {m: a.rank for m, layer in lorakit.core.state.lora_layers(model) for a in layer.adapters.values()}
     assert pruned == {m: max(1, rank) for m, rank in last_active.items()}
     loaded = tiny_llama()
     lorakit.load_adapter(loaded, tmp_path)

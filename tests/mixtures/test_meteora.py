@@ -15,8 +15,14 @@ from lorakit import AdapterError, ConfigError, FormatError, LoraConfig
 from lorakit.core.records import recording
 from lorakit.core.state import lora_layers
 from lorakit.errors import DataError
-from lorakit.mixtures.meteora import (MeteoraConfig, MeteoraModel, MeteoraTaskLoss, load_meteora, save_meteora,
-                                      saved_adapters)
+from lorakit.mixtures.meteora import (
+    MeteoraModel,
+    MeteoraTaskLoss,
+    load_meteora,
+    save_meteora,
+    saved_adapters,
+)
+from lorakit.mixtures.meteora.config import MeteoraConfig
 from lorakit.mixtures.meteora.model import GATE_LOGITS, gate_key
 from tests.helpers import logits, perturb, tiny_llama, token_batch
 
@@ -244,7 +250,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     save_meteora(xmodel, tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "meteora_config.json").read_text())
     assert saved["adapters"] == list(MIXED) and saved["layer_names"] == xmodel.layer_names
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["gates.safetensors", "lorakit.json", "meteora_config.json"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["gates.safetensors", "lorakit.json",
+                                                                  "meteora_config.json"]
     assert saved_adapters(tmp_path / "m") == list(MIXED)
     loaded = load_meteora(with_adapters(), tmp_path / "m").eval()
     assert loaded.config == xmodel.config

@@ -41,8 +41,9 @@ def test_the_trainer_trains_only_the_gates_on_the_task_loss_and_resumes_exactly(
     config = TrainConfig(steps=6, batch_size=8, lr=5e-2, save_every=3, log_every=1, seed=1)
 
     def run(xmodel, out, resume=None):
+        components = [MeteoraTaskLoss(xmodel), WritesResult(lambda directory: save_meteora(xmodel, directory))]
         return train(xmodel, tokenizer, examples, config, out_dir=out, resume=resume, progress=False,
-                     components=[MeteoraTaskLoss(xmodel), WritesResult(lambda directory: save_meteora(xmodel, directory))])
+                     components=components)
 
     straight = meteora()
     before, gates = frozen_state(straight), {k: v.clone() for k, v in straight.gate_state().items()}

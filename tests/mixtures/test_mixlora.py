@@ -212,7 +212,8 @@ def test_save_and_load_restore_the_model(tmp_path):
     expected = logits(model, ids)
     save_mixlora(model, tmp_path / "mix")
     folder = saved_folder(tmp_path / "mix")
-    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted([folder.name, "lorakit.json", "mixlora_config.json"])
+    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == sorted(
+        [folder.name, "lorakit.json", "mixlora_config.json"])
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["attention", "expert0", "expert1", "expert2", "expert3", "routers.safetensors"])
     fresh = tiny_llama()

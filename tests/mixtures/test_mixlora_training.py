@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,14 +34,14 @@ def test_the_trainer_adds_the_aux_loss_and_resumes_exactly(tmp_path, monkeypatch
     routers = [layer.router.weight.detach().clone() for _, layer in mixlora_layers(straight)]
     train(straight, tokenizer, examples, config, out_dir=tmp_path / "a", progress=False)
     assert all(not torch.equal(layer.router.weight, before)
-               for (_, layer), before in zip(mixlora_layers(straight), routers))
+               for (_, layer), before in zip(mixlora_layers(straight), routers, strict=True))
     interrupted = mixlora_model()
     run_interrupted(monkeypatch, 3, lambda: train(interrupted, tokenizer, examples, config, out_dir=tmp_path / "b",
                                                   progress=False))
     resumed = mixlora_model()
     train(resumed, tokenizer, examples, config, out_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
     for (name, p), q in zip(lorakit.trainable_parameters(straight).items(),
-                            lorakit.trainable_parameters(resumed).values()):
+                            lorakit.trainable_parameters(resumed).values(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
     loaded = tiny_llama()
     load_mixlora(loaded, tmp_path / "a")
@@ -53,7 +54,7 @@ def test_mixlora_refuses_the_inits_and_optimizers_it_does_not_combine_with():
     for init, optimizer, message in [("lora-ga", "adamw", "init='lora-ga'"), ("eva", "adamw", "init='eva'"),
                                      ("kaiming", "lora-pro", "optimizer='lora-pro'")]:
         with pytest.raises(lorakit.ConfigError, match=message):
-            check_combination(init, lora, TrainConfig(method="mixlora", optimizer=optimizer))
+            check_combination(dataclasses.replace(lora, init=init), TrainConfig(method="mixlora", optimizer=optimizer))
 
 
 def test_cli_trains_evaluates_and_generates_with_mixlora(base_dir, tmp_path, capsys):

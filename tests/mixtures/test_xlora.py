@@ -162,7 +162,8 @@ def test_save_and_load_round_trip(tmp_path, bundle):
     save_xlora(xmodel, tmp_path / "x", paths, bundle=bundle)
     saved = json.loads((tmp_path / "x" / "xlora_config.json").read_text())
     assert [e["name"] for e in saved["experts"]] == list(EXPERTS)  # the order of the scalings' expert axis
-    assert saved["experts"][0]["path"] == ("experts/maths" if bundle else "../experts/maths")  # relative: beside the run
+    # relative: inside the run directory when bundled, beside it otherwise
+    assert saved["experts"][0]["path"] == ("experts/maths" if bundle else "../experts/maths")
     loaded = load_xlora(tiny_llama(), tmp_path / "x").eval()
     ids = token_batch()
     with torch.no_grad():
@@ -205,13 +206,15 @@ NO_SAVE = WritesResult(lambda directory: None)  # the classifier is compared in 
 def test_an_interrupted_xlora_run_resumes_to_the_same_classifier(tmp_path, monkeypatch):
     config = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, seed=1)
     straight = xlora()
-    train(straight, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "a", progress=False, components=[NO_SAVE])
+    train(straight, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "a", progress=False,
+          components=[NO_SAVE])
     run_interrupted(monkeypatch, 3, lambda: train(xlora(), char_tokenizer(), copy_examples(8), config,
                                                   out_dir=tmp_path / "b", progress=False, components=[NO_SAVE]))
     resumed = xlora(seed=5)
     train(resumed, char_tokenizer(), copy_examples(8), config, out_dir=tmp_path / "b", resume=tmp_path / "b",
           progress=False, components=[NO_SAVE])
-    for (name, a), (_, b) in zip(straight.classifier.named_parameters(), resumed.classifier.named_parameters()):
+    for (name, a), (_, b) in zip(straight.classifier.named_parameters(), resumed.classifier.named_parameters(),
+                                 strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
 
 

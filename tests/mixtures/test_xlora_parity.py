@@ -83,7 +83,7 @@ def build_pair(dirs: dict[str, Path], *, layerwise: bool = True, softmax: bool =
                softmax_topk: bool = False, depth: int = 1, pass_value: float = 0.0, weight: float = 1.0):
     """lorakit's and PEFT's X-LoRA over the same experts, the same classifier weights, both in eval mode."""
     ours = tiny_llama()
-    for name, path in zip(NAMES, dirs.values()):
+    for name, path in zip(NAMES, dirs.values(), strict=True):
         lorakit.load_adapter(ours, path, name, activate=False)
     xmodel = XLoraModel(ours, list(NAMES), XLoraConfig(
         layerwise_scalings=layerwise, enable_softmax=softmax, top_k=top_k, enable_softmax_topk=softmax_topk,

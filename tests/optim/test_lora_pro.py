@@ -198,7 +198,8 @@ def test_state_dict_round_trip_continues_identically():
     train(model, optimizer, batch, steps=3)
     train(twin, restored, batch, steps=3)
     train(fresh_twin, LoraPro(lora_factors(fresh_twin), lr=1e-2), batch, steps=3)  # no state: must differ
-    for pair, twin_pair, fresh_pair in zip(lora_factors(model), lora_factors(twin), lora_factors(fresh_twin)):
+    for pair, twin_pair, fresh_pair in zip(lora_factors(model), lora_factors(twin), lora_factors(fresh_twin),
+                                           strict=True):
         assert torch.equal(pair.A, twin_pair.A) and torch.equal(pair.B, twin_pair.B)
         assert not torch.equal(pair.B, fresh_pair.B)
 
@@ -270,7 +271,7 @@ def test_weight_decay_is_decoupled():
     before = [p.B.detach().clone() for p in decayed_pairs]
     LoraPro(plain_pairs, lr=lr).step()
     LoraPro(decayed_pairs, lr=lr, weight_decay=decay).step()
-    for plain, decayed, old in zip(plain_pairs, decayed_pairs, before):
+    for plain, decayed, old in zip(plain_pairs, decayed_pairs, before, strict=True):
         torch.testing.assert_close(decayed.B, plain.B - lr * decay * old)
 
 

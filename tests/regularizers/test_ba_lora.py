@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from lorakit import ConfigError
-from lorakit.regularizers.ba_lora import (BaLoraWeights, ba_lora_terms, nlg_consistency, nlg_diversity,
-                                          nlu_consistency, nlu_diversity, svd_concentration)
+from lorakit.regularizers.ba_lora import (
+    BaLoraWeights,
+    ba_lora_terms,
+    nlg_consistency,
+    nlg_diversity,
+    nlu_consistency,
+    nlu_diversity,
+    svd_concentration,
+)
 
 
 def softmax(row):
@@ -21,9 +28,9 @@ def test_nlu_consistency_is_the_mse_of_row_normalised_logits():
     trained = [[1.0, 2.0, 2.0], [3.0, 0.0, 4.0]]
     original = [[0.0, 3.0, 4.0], [1.0, 1.0, 1.0]]
     squared_errors = []
-    for f_row, p_row in zip(trained, original):
+    for f_row, p_row in zip(trained, original, strict=True):
         f_norm, p_norm = math.sqrt(sum(v * v for v in f_row)), math.sqrt(sum(v * v for v in p_row))
-        squared_errors += [(f / f_norm - p / p_norm) ** 2 for f, p in zip(f_row, p_row)]
+        squared_errors += [(f / f_norm - p / p_norm) ** 2 for f, p in zip(f_row, p_row, strict=True)]
     expected = sum(squared_errors) / len(squared_errors)
     assert nlu_consistency(torch.tensor(trained), torch.tensor(original)).item() == pytest.approx(expected, rel=1e-6)
 
@@ -49,9 +56,9 @@ def test_nlg_consistency_is_the_kl_from_the_original_summed_and_divided_by_the_s
     trained = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]
     original = [[0.0, 1.0, 0.0], [2.0, -1.0, 1.0]]
     divergence = 0.0
-    for f_row, p_row in zip(trained, original):
+    for f_row, p_row in zip(trained, original, strict=True):
         f_probs, p_probs = softmax(f_row), softmax(p_row)
-        divergence += sum(p * math.log(p / f) for p, f in zip(p_probs, f_probs))
+        divergence += sum(p * math.log(p / f) for p, f in zip(p_probs, f_probs, strict=True))
     value = nlg_consistency(torch.tensor(trained), torch.tensor(original), rows=3)
     assert value.item() == pytest.approx(divergence / 3, rel=1e-5)
 

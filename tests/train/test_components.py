@@ -84,16 +84,16 @@ def test_the_registries_build_what_they_name():
 ])
 def test_refused_combinations_name_the_pair_and_the_reason(init, changes, message):
     with pytest.raises(lorakit.ConfigError, match=message):
-        check_combination(init, LORA, TrainConfig(**changes))
+        check_combination(dataclasses.replace(LORA, init=init), TrainConfig(**changes))
 
 
 def test_allora_refuses_dropout_and_the_allowed_combinations_pass():
     with pytest.raises(lorakit.ConfigError, match="dropout-free"):
-        check_combination("kaiming", dataclasses.replace(LORA, dropout=0.1), TrainConfig(optimizer="allora"))
+        check_combination(dataclasses.replace(LORA, dropout=0.1), TrainConfig(optimizer="allora"))
     for init, changes in [("eva", {"method": "dylora"}), ("lora-ga", {"optimizer": "lora-pro"}),
-                          ("lora-ga", {"regularizer": "ba-lora"}), ("kaiming", {"full": True, "regularizer": "ba-lora"}),
-                          ("eva", {"optimizer": "allora"})]:
-        check_combination(init, LORA, TrainConfig(**changes))
+                          ("lora-ga", {"regularizer": "ba-lora"}),
+                          ("kaiming", {"full": True, "regularizer": "ba-lora"}), ("eva", {"optimizer": "allora"})]:
+        check_combination(dataclasses.replace(LORA, init=init), TrainConfig(**changes))
 
 
 def test_scaling_free_methods_get_unit_scales():

@@ -8,6 +8,7 @@ saved (both read back through ``lorakit.load``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,7 +124,8 @@ def run(case: Case, out, *, resume: bool = False) -> nn.Module:
     model, examples = case.model(), case.examples()
     components = case.components(model)
     if case.init is not None:
-        components += prepare_adapter(model, char_tokenizer(), examples, LORA, case.config, case.init, run_dir=out,
+        lora = dataclasses.replace(LORA, init=case.init)
+        components += prepare_adapter(model, char_tokenizer(), examples, lora, case.config, run_dir=out,
                                       resume=resume).components
     train(model, char_tokenizer(), examples, case.config, components=components, out_dir=out,
           resume=out if resume else None, overwrite=True, progress=False)

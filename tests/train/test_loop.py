@@ -136,4 +136,4 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert values[:2] == [0.5, 1.0]
     assert values[2] == pytest.approx(1.0)
     assert values[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.5)).item()))
-    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))

@@ -41,7 +41,7 @@ def _mean_spectra(modules: list[dict]) -> dict[str, list[float]]:
         values = m["singular_values"]
         if values and values[0] > 0:
             by_type.setdefault(layer_and_type(m["module"])[1], []).append([v / values[0] for v in values])
-    return {kind: [sum(column) / len(column) for column in zip(*rows)] for kind, rows in by_type.items()}
+    return {kind: [sum(column) / len(column) for column in zip(*rows, strict=False)] for kind, rows in by_type.items()}
 
 
 def write_report(report: dict, out: str | Path) -> Path:

@@ -16,10 +16,10 @@ import json
 import sys
 
 from lorakit.cli.common import LORA, TASK_EVAL_N, command, example_count
+from lorakit.jobs.complete import complete
 from lorakit.jobs.evaluate import evaluate_adapter
-from lorakit.jobs.generate import complete
 from lorakit.jobs.inspect import inspect_adapter, list_targets
-from lorakit.jobs.merge import merge_into_model
+from lorakit.jobs.merge_model import merge_into_model
 
 ADAPTER_HELP = "a directory lorakit wrote: an adapter (PEFT format) or a mixture; its own metadata says which"
 
@@ -60,7 +60,7 @@ def _targets(args: argparse.Namespace) -> None:
 
 def register(commands) -> None:
     evaluate = command(commands, "eval", _eval,
-                       "Exact match, loss and perplexity of a model (with an optional adapter).")
+                       "Exact match, loss and perplexity of a model (with an optional adapter).", base="recorded")
     evaluate.add_argument("--data", required=True, help="a JSONL file or task:NAME")
     evaluate.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="task split (default: test)")
@@ -70,7 +70,7 @@ def register(commands) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object with the metrics, last")
 
     generate = command(commands, "generate", _generate,
-                       "Generate completions (chat template applied when the model has one).")
+                       "Generate completions (chat template applied when the model has one).", base="recorded")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     generate.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -79,9 +79,10 @@ def register(commands) -> None:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
 
-    merge = command(commands, "merge", _merge, "Write the base model with an adapter merged into its weights.")
+    merge = command(commands, "merge", _merge, "Write the base model with an adapter merged into its weights.",
+                    base="recorded")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    inspect = command(commands, "inspect", _inspect, "Show what an adapter directory holds.", base=False)
+    inspect = command(commands, "inspect", _inspect, "Show what a directory of any kind holds.", base=False)
     inspect.add_argument("adapter", help=ADAPTER_HELP)
     command(commands, "targets", _targets, "Dry run: list the modules a LoRA config would wrap.", configs=(LORA,))

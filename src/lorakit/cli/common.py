@@ -30,12 +30,17 @@ MIXTURE_TRAIN = dataclasses.replace(TRAIN, exclude=("full", "optimizer", "method
 
 
 def command(commands, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, *,
-            base: bool = True, configs: Sequence[ConfigFlags] = ()) -> argparse.ArgumentParser:
+            base: bool | str = True, configs: Sequence[ConfigFlags] = ()) -> argparse.ArgumentParser:
     """A subcommand running ``handler(args)``, with ``--base`` unless ``base=False`` and the flags of ``configs``
-    (recorded as the parser's ``config_flags`` default, for the tests that compare them with the library)."""
+    (recorded as the parser's ``config_flags`` default, for the tests that compare them with the library).
+    ``base="recorded"``: the command reads a directory, whose recorded base is the default."""
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(handler=handler, prog=sub.prog, config_flags=tuple(configs))
-    if base:
+    if base == "recorded":
+        sub.add_argument("--base", default=None,
+                         help=f"base model: {DEFAULT_MODEL!r}, a local directory or a hub id (default: the base the "
+                              f"directory records; {DEFAULT_MODEL!r} without a directory)")
+    elif base:
         sub.add_argument("--base", default=DEFAULT_MODEL,
                          help=f"base model: {DEFAULT_MODEL!r}, a local directory or a hub id (default: %(default)s)")
     for flags in configs:

@@ -50,7 +50,7 @@ def register(commands) -> None:
     train.add_argument("--quiet", action="store_true")
 
     evaluate = command(actions, "eval", _eval, "Exact match and loss of a trained MeteoRA model "
-                                              "(lorakit eval --adapter reads it too).")
+                                              "(lorakit eval --adapter reads it too).", base="recorded")
     evaluate.add_argument("--meteora", required=True, help="the run directory of lorakit meteora train")
     evaluate.add_argument("--data", default=None, help="a JSONL file or task:NAME")
     evaluate.add_argument("--composite", default=None, metavar="TASK,TASK",

@@ -12,16 +12,13 @@ import argparse
 import json
 
 from lorakit.cli.common import LORA, TASK_EVAL_N, TRAIN, command
-from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
-from lorakit.eval.rank_sweep import evaluate_ranks
-from lorakit.io.adapters import load_adapter
 from lorakit.jobs.compare import compare_methods
 from lorakit.jobs.compare_report import results_table
 from lorakit.jobs.continual import continual_finetune
+from lorakit.jobs.evaluate import evaluate_adapter_ranks
 from lorakit.jobs.method_runs import DEFAULT_METHODS, PRESETS
 from lorakit.methods.dylora import truncate_adapter
-from lorakit.models import load_model
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -39,11 +36,9 @@ def _dylora(args: argparse.Namespace) -> None:
         return
     if args.data is None:
         raise ConfigError("lorakit dylora eval needs --data (a JSONL file or task:NAME)")
-    model, tokenizer = load_model(args.base)
-    load_adapter(model, args.adapter)
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
-    results = evaluate_ranks(model, tokenizer, load_examples(args.data, split="test", n=args.n), ranks,
-                             batch_size=args.batch_size)
+    results = evaluate_adapter_ranks(args.adapter, args.data, base=args.base, ranks=ranks, n=args.n,
+                                     batch_size=args.batch_size)
     print(json.dumps({str(rank): result.metrics() for rank, result in results.items()}, indent=2))
 
 
@@ -64,7 +59,8 @@ def register(commands) -> None:
     compare.add_argument("--target-loss", type=float, default=0.5, help="report the steps to reach this loss")
     compare.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for every lorakit train")
 
-    dylora = command(commands, "dylora", _dylora, "Evaluate a DyLoRA adapter at several ranks, or export one rank.")
+    dylora = command(commands, "dylora", _dylora, "Evaluate a DyLoRA adapter at several ranks, or export one rank.",
+                     base="recorded")
     dylora.add_argument("action", choices=["eval", "export"])
     dylora.add_argument("--adapter", required=True)
     dylora.add_argument("--data", default=None, help="eval: a JSONL file or task:NAME")

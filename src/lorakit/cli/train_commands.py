@@ -8,15 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from lorakit.cli.common import LORA, TRAIN, command
 from lorakit.cli.values import named_values, split_name
+from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.jobs.finetune import finetune, finetune_adapters, resume_finetune
-from lorakit.train.prepare import INITS
-
-DEFAULT_INIT = "kaiming"
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -25,16 +24,19 @@ def _train(args: argparse.Namespace) -> None:
     elif not args.data or not args.out:
         raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
     elif len(args.data) == 1 and split_name(args.data[0])[0] is None:
-        result = finetune(args.data[0], args.out, base=args.base, lora=LORA.build(args), config=TRAIN.build(args),
-                          n=args.n, eval_data=args.eval_data, init=args.init, overwrite=args.overwrite,
-                          progress=not args.quiet)
+        result = finetune(args.data[0], args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
+                          n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet)
     else:
-        if args.init != DEFAULT_INIT or args.eval_data:
-            raise LorakitError("several adapters in one batch train from the default init, without --eval-data")
+        if args.init in DATA_DRIVEN_INITS or args.eval_data:
+            raise LorakitError("several adapters in one batch train without a data-driven init or --eval-data")
         datasets = named_values(args.data, "--data", "DATA (to train several adapters, name every --data)")
-        result = finetune_adapters(datasets, args.out, base=args.base, lora=LORA.build(args), config=TRAIN.build(args),
+        result = finetune_adapters(datasets, args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
                                    n=args.n, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result.summary()))
+
+
+def _lora(args: argparse.Namespace) -> LoraConfig:
+    return dataclasses.replace(LORA.build(args), init=args.init)
 
 
 def register(commands) -> None:
@@ -50,7 +52,7 @@ def register(commands) -> None:
                        help="continue the run in DIR from its newest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--init", default=DEFAULT_INIT, choices=INITS,
-                       help="adapter initialisation: kaiming (A Kaiming-uniform, B = 0), gaussian, lora-ga "
-                            "(LoRA-GA: from the gradient on the first batches) or eva (EVA: from the "
-                            "activations' principal components, ranks redistributed) (default: %(default)s)")
+    train.add_argument("--init", default=LoraConfig().init, choices=list(INITS), metavar="INIT",
+                       help="how the adapter starts (LoraConfig.init): "
+                            + "; ".join(f"{name}: {summary}" for name, summary in INITS.items())
+                            + " (default: %(default)s)")

@@ -71,7 +71,7 @@ def register(commands) -> None:
     train.add_argument("--quiet", action="store_true")
 
     evaluate = command(actions, "eval", _eval, "Exact match and loss of a saved X-LoRA model "
-                                              "(lorakit eval --adapter reads it too).")
+                                              "(lorakit eval --adapter reads it too).", base="recorded")
     evaluate.add_argument("--xlora", required=True, help="saved X-LoRA directory")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
@@ -79,7 +79,8 @@ def register(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--json", action="store_true")
 
-    generate = command(actions, "generate", _generate, "Generate with a saved X-LoRA model (both passes cached).")
+    generate = command(actions, "generate", _generate, "Generate with a saved X-LoRA model (both passes cached).",
+                       base="recorded")
     generate.add_argument("--xlora", required=True)
     generate.add_argument("--prompt", action="append", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -87,7 +88,8 @@ def register(commands) -> None:
                           help="one pass per new token, reusing the prompt's scalings (an approximation)")
 
     inspect = command(actions, "inspect", _inspect, "Mean scalings per layer x expert over data, and per token x "
-                                                    "expert for one prompt, as JSON and PNG heatmaps.")
+                                                    "expert for one prompt, as JSON and PNG heatmaps.",
+                      base="recorded")
     inspect.add_argument("--xlora", required=True)
     inspect.add_argument("--data", required=True, help="examples to average over (JSONL or task:NAME)")
     inspect.add_argument("--split", default="test", choices=["train", "test"])

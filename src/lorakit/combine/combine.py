@@ -39,6 +39,7 @@ from lorakit.errors import ConfigError, FormatError
 from lorakit.io.adapters import CONFIG_FILE
 from lorakit.io.factors import AdapterFactors, Factors, read_adapter_factors, unit_scale_fields, write_factor_adapter
 
+
 @dataclass(frozen=True)
 class Source(AdapterFactors):
     """One input adapter's factors and its weight ``w_i``."""
@@ -207,9 +208,9 @@ def _shared_factor_sum(module: str, sources: list[Source]) -> Factors:
     As = [s.modules[module].A for s in sources]
     Bs = [s.modules[module].B for s in sources]
     if all(torch.equal(A, As[0]) for A in As[1:]):
-        return As[0], sum(c * B for c, B in zip(coefficients, Bs))
+        return As[0], sum(c * B for c, B in zip(coefficients, Bs, strict=True))
     if all(torch.equal(B, Bs[0]) for B in Bs[1:]):
-        return sum(c * A for c, A in zip(coefficients, As)), Bs[0]
+        return sum(c * A for c, A in zip(coefficients, As, strict=True)), Bs[0]
     raise ConfigError(f"mode 'linear' is not exact on module {module!r}: the adapters share neither A nor B "
                       "there, and summing the factors, (Σ_i B_i)(Σ_j A_j), adds the cross terms B_i A_j (i != j); "
                       "use mode 'cat' (exact, ranks add) or 'svd' (truncated to a rank, error reported)")

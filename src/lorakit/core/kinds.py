@@ -45,7 +45,7 @@ class LayerKind(ABC):
     def initialise(self, A: torch.Tensor, B: torch.Tensor, init: str) -> None:
         """Fill ``A`` and ``B`` in place so that ``B A = 0`` and the model starts unchanged."""
         with torch.no_grad():
-            if init == "default":
+            if init == "kaiming":
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             elif init == "gaussian":
                 nn.init.normal_(A, std=1.0 / A.shape[0])

@@ -6,12 +6,12 @@ import re
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import DATA_DRIVEN_INITS, LoraConfig
 from lorakit.core.inject import find_targets, unwrap, wrap
 from lorakit.core.layer import LoraLayer
 from lorakit.core.routing import StaticRouting
 from lorakit.core.state import AdapterRecord, drop_state, ensure_state, lora_layers, model_state
-from lorakit.errors import AdapterError, StateError
+from lorakit.errors import AdapterError, ConfigError, StateError
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -31,6 +31,9 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
     match nothing or the name is taken.
     """
     check_adapter_name(name)
+    if config.init in DATA_DRIVEN_INITS:
+        raise ConfigError(f"init={config.init!r} computes the adapter from training data, which attach does not "
+                          "see: use lorakit.train.prepare.prepare_adapter (what lorakit train --init runs)")
     existing = getattr(model, "lorakit_state", None)
     if existing is not None and name in existing.adapters:
         raise AdapterError(f"adapter {name!r} already exists; delete it first or choose another name")

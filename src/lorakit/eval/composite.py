@@ -92,8 +92,8 @@ def score_composite(composites: Sequence[CompositeExample], completions: Sequenc
     for composite, completion in zip(composites, completions, strict=True):
         answers = numbered_answers(completion, len(composite.tasks))
         right = [answer is not None and get_task(task).score(answer, reference)
-                 for task, answer, reference in zip(composite.tasks, answers, composite.answers)]
-        for task, ok in zip(composite.tasks, right):
+                 for task, answer, reference in zip(composite.tasks, answers, composite.answers, strict=True)]
+        for task, ok in zip(composite.tasks, right, strict=True):
             hits.setdefault(task, []).append(ok)
         complete.append(all(right))
     every = [ok for oks in hits.values() for ok in oks]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.data.example import Example
 from lorakit.data.encoding import encode, pad_id
+from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.data.tasks import get_task, task_names
 from lorakit.eval.generate import generate
@@ -62,7 +62,7 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_
         max_new_tokens = longest + 8
     predictions = generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            chat=chat, progress=progress)
-    hits = sum((scorer or scorer_for(e))(p, e.answer) for p, e in zip(predictions, examples))
+    hits = sum((scorer or scorer_for(e))(p, e.answer) for p, e in zip(predictions, examples, strict=True))
     encoded = [encode(e, tokenizer, chat=chat, max_length=max_length) for e in examples]
     loss = mean_loss(model, encoded, batch_size=batch_size, pad_id=pad_id(tokenizer))
     n = len(examples)

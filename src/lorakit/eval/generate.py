@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.data.example import Example
 from lorakit.core.modes import eval_mode
 from lorakit.data.encoding import pad_id, prompt_ids
+from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.errors import ConfigError
 

@@ -12,15 +12,11 @@ from typing import Any
 from torch import nn
 
 from lorakit.io.adapters import ADAPTER_KIND, CONFIG_FILE, KEY_PREFIX, load_adapter, read_adapter
-from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import load_json
 from lorakit.io.recorded_base import base_for
 
 DEFAULT_NAME = "default"
-
-
-def _recognise(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and "peft_type" in load_json(directory / CONFIG_FILE)
 
 
 def _load(directory: Path, model: nn.Module | None) -> Loaded:
@@ -50,4 +46,4 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
 
 ADAPTER = register_kind(DirectoryKind(
     name=ADAPTER_KIND, holds="a LoRA adapter in the PEFT format", load=_load, describe=describe_adapter,
-    recognise=_recognise, recognised_by=f"{CONFIG_FILE} with a peft_type"))
+    recognise=has_field(CONFIG_FILE, "peft_type"), recognised_by=f"{CONFIG_FILE} with a peft_type"))

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.errors import ConfigError, FormatError
+from lorakit.io.files import load_json
 from lorakit.io.metadata import METADATA_FILE, read_metadata
 
 
@@ -39,6 +40,15 @@ class Loaded:
 
 
 Load = Callable[[Path, nn.Module | None], Loaded]
+
+
+def has_field(file_name: str, key: str) -> Callable[[Path], bool]:
+    """A ``recognise`` for a directory whose JSON file ``file_name`` has the field ``key`` (PEFT's
+    ``peft_type``, Hugging Face's ``model_type``, the mixture configs lorakit 0.1 wrote)."""
+    def recognise(directory: Path) -> bool:
+        path = directory / file_name
+        return path.is_file() and key in load_json(path)
+    return recognise
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lorakit.errors import FormatError
-from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import load_json, write_atomically
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.models import load_model
@@ -28,10 +28,6 @@ CONFIG_FILE = "config.json"
 def write_model_metadata(directory: Path, origin: str) -> None:
     """Mark the model saved in ``directory`` (``save_pretrained``) as kind ``model``, atomically."""
     write_atomically(directory / METADATA_FILE, metadata_writer(MODEL_KIND, origin))
-
-
-def _recognise(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and "model_type" in load_json(directory / CONFIG_FILE)
 
 
 def _load(directory: Path, model: nn.Module | None) -> Loaded:
@@ -68,4 +64,4 @@ def _describe(directory: Path) -> dict[str, Any]:
 
 MODEL = register_kind(DirectoryKind(
     name=MODEL_KIND, holds="a whole model in the Hugging Face layout", load=_load, describe=_describe,
-    recognise=_recognise, recognised_by=f"{CONFIG_FILE} with a model_type", whole_model=True))
+    recognise=has_field(CONFIG_FILE, "model_type"), recognised_by=f"{CONFIG_FILE} with a model_type", whole_model=True))

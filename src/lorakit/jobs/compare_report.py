@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lorakit.analysis.curves import line_plot
-from lorakit.jobs.method_runs import PRESETS, SMOOTHING, MethodResult, smoothed
 from lorakit.io.files import save_json, write_atomically
+from lorakit.jobs.method_runs import PRESETS, SMOOTHING, MethodResult, smoothed
 
 PLOT_FILE = "loss_curves.png"
 

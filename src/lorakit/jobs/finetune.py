@@ -17,36 +17,40 @@ from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
-from lorakit.train.prepare import PreparedAdapter, prepare_adapter
 from lorakit.io.files import save_json
 from lorakit.models import DEFAULT_MODEL, load_model
-from lorakit.train.components import check_components
 from lorakit.train.combinations import check_combination, prepared_lora
+from lorakit.train.components import check_components
 from lorakit.train.loop import TrainResult, train
+from lorakit.train.prepare import PreparedAdapter, prepare_adapter
 
 RUN_FILE = "run.json"
 
 
-def _lora_from_dict(values: dict[str, Any]) -> LoraConfig:
-    targets = values["targets"]
+def _lora_from_dict(run: dict[str, Any]) -> LoraConfig:
+    """The ``LoraConfig`` a ``run.json`` records. Runs of lorakit 0.1 named the init apart (``"init"``) and
+    recorded ``LoraConfig.init`` as ``"default"``: that init is the config's now."""
+    values = dict(run["lora"])
+    if values.get("init") == "default":
+        values["init"] = run.get("init", "kaiming")
+    targets, exclude = values["targets"], values.get("exclude")
     return LoraConfig(**{**values, "targets": tuple(targets) if isinstance(targets, list) else targets,
-                         "exclude": tuple(values["exclude"]) if isinstance(values.get("exclude"), list)
-                         else values.get("exclude")})
+                         "exclude": tuple(exclude) if isinstance(exclude, list) else exclude})
 
 
 def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
              config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
-             eval_n: int | None = 64, init: str = "kaiming", overwrite: bool = False, progress: bool = True,
+             eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
              resume: bool = False) -> TrainResult:
     """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
 
-    ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split); ``init`` is
-    one of :data:`lorakit.train.prepare.INITS`. The run's settings go to ``out/run.json`` so that
-    :func:`resume_finetune` can continue it.
+    ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split); ``lora.init``
+    may be a data-driven init (:func:`lorakit.train.prepare.prepare_adapter`). The run's settings go to
+    ``out/run.json`` so that :func:`resume_finetune` can continue it.
     """
     out = Path(out)
     check_components(config)
-    check_combination(init, lora, config)
+    check_combination(lora, config)
     lora = prepared_lora(lora, config)
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
@@ -56,9 +60,9 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
-        prepared = prepare_adapter(model, tokenizer, examples, lora, config, init, run_dir=out, resume=resume)
+        prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume)
     if not resume:
-        save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n, init=init,
+        save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config)))
     if prepared.moves_base and config.regularizer == "ba-lora" and "ba_lora_reference" not in config.options:
         # LoRA-GA moved the base: BA-LoRA compares with the model as it starts (offset base + initial adapter).
@@ -105,8 +109,8 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
         raise ConfigError(f"{run_dir} holds no {RUN_FILE}; it is not a lorakit training run")
     args = json.loads(path.read_text())
     if "datasets" in args:
-        return finetune_adapters(args["datasets"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
+        return finetune_adapters(args["datasets"], run_dir, base=args["base"], lora=_lora_from_dict(args),
                                  config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True)
-    return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args["lora"]),
+    return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
-                    eval_n=args["eval_n"], init=args.get("init", "kaiming"), progress=progress, resume=True)
+                    eval_n=args["eval_n"], progress=progress, resume=True)

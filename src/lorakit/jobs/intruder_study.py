@@ -25,10 +25,10 @@ from lorakit.config import LoraConfig, TrainConfig
 from lorakit.data.encoding import encode, pad_id
 from lorakit.data.tasks import get_task
 from lorakit.eval.exact_match import evaluate
-from lorakit.io.files import save_json
-from lorakit.models import DEFAULT_MODEL, load_model
-from lorakit.jobs.stages import run_stage
 from lorakit.eval.loss import mean_loss
+from lorakit.io.files import save_json
+from lorakit.jobs.stages import run_stage
+from lorakit.models import DEFAULT_MODEL, load_model
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ def _train(run: StudyRun, out: Path, study: IntruderStudy, base: str) -> dict:
     lora = LoraConfig() if run.rank is None else LoraConfig(rank=run.rank, alpha=2 * run.rank,
                                                             targets="all-linear", use_rslora=run.rslora)
     steps = run.steps or study.steps
-    config = TrainConfig(steps=steps, batch_size=8, lr=run.lr, log_every=10, full=run.rank is None)
+    config = TrainConfig(steps=steps, batch_size=8, lr=run.lr, log_every=10, full=run.rank is None,
+                         keep_freed_memory=True)
     return finetune(f"task:{study.task}", out, base=base, lora=lora, config=config, n=steps * 8,
                     overwrite=True).summary()
 
@@ -160,6 +161,6 @@ def study_table(results: dict) -> str:
         lowest = f"{analysis['lowest_cosine']:.3f}" if analysis else "–"
         values = [measured["losses"][p] - (0.0 if row["run"] == "base" else base["losses"][p]) for p in probes]
         deltas = [f"{v:.3f}" if row["run"] == "base" else f"{v:+.3f}" for v in values]
-        lines.append(f"| {row['run']} | {lr} | {steps} | {measured['exact_match']:.0%} | {intruders} | {lowest} | {norm} | " +
-                     " | ".join(deltas) + " |")
+        lines.append(f"| {row['run']} | {lr} | {steps} | {measured['exact_match']:.0%} | {intruders} | {lowest} "
+                     f"| {norm} | " + " | ".join(deltas) + " |")
     return "\n".join(lines) + "\n"

@@ -19,11 +19,10 @@ from lorakit.config import TrainConfig
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError, DataError
 from lorakit.eval.composite import CompositeResult, composite_examples, evaluate_composite
-from lorakit.eval.exact_match import EvalResult, evaluate
+from lorakit.eval.exact_match import EvalResult
 from lorakit.io.adapters import load_adapter
-from lorakit.io.directory_kinds import get_kind
 from lorakit.io.files import save_json
-from lorakit.jobs.evaluate import load_directory
+from lorakit.jobs.evaluate import evaluate_on, load_kind
 from lorakit.methods.component import WritesResult
 from lorakit.mixtures.meteora.config import MeteoraConfig
 from lorakit.mixtures.meteora.model import MeteoraModel
@@ -73,10 +72,7 @@ def train_meteora(data: str, out: str | Path, adapters: Mapping[str, str | Path]
 def load_meteora_model(path: str | Path, *, base: str | None = None) -> tuple[MeteoraModel, Any]:
     """The MeteoRA model saved at ``path`` (through :func:`lorakit.load`: its task adapters as recorded) on
     ``base`` (None: the base it records), in eval mode; another kind of directory is refused by name."""
-    loaded, tokenizer = load_directory(path, base)
-    if loaded.kind != METEORA_KIND:
-        raise ConfigError(f"{path} holds {get_kind(loaded.kind).holds} (kind {loaded.kind!r}), not a MeteoRA model; "
-                          "lorakit eval takes any kind (--adapter)")
+    loaded, tokenizer = load_kind(path, base, METEORA_KIND)
     return loaded.model, tokenizer
 
 
@@ -84,8 +80,7 @@ def evaluate_meteora(path: str | Path, data: str, *, base: str | None = None, sp
                      n: int | None = None, batch_size: int = 16, progress: bool = False) -> EvalResult:
     """Exact match and loss of the MeteoRA model at ``path`` on ``data``."""
     xmodel, tokenizer = load_meteora_model(path, base=base)
-    return evaluate(xmodel, tokenizer, load_examples(data, split=split, n=n), batch_size=batch_size,
-                    progress=progress)
+    return evaluate_on(xmodel, tokenizer, data, split=split, n=n, batch_size=batch_size, progress=progress)
 
 
 def evaluate_meteora_composite(path: str | Path, tasks: list[str], *, base: str | None = None, per_prompt: int = 2,

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.io.files import save_json
 

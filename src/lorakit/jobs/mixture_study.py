@@ -24,15 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.eval.composite import composite_examples, evaluate_composite
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.data.jsonl import save_jsonl
 from lorakit.data.tasks import get_task
+from lorakit.eval.composite import composite_examples, evaluate_composite
 from lorakit.eval.exact_match import evaluate
 from lorakit.io.files import save_json
+from lorakit.jobs.stages import run_stage
 from lorakit.jobs.task_experts import EXPERT_LR, mixed_task_examples, train_task_expert
 from lorakit.models import DEFAULT_MODEL
-from lorakit.jobs.stages import run_stage
 
 SYSTEMS = ("experts", "lora-all", "mixlora", "meteora", "x-lora")
 
@@ -61,15 +61,15 @@ class MixtureBudget:
 
 
 def _train_config(steps: int, **extra: Any) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=8, lr=EXPERT_LR, log_every=10, **extra)
+    return TrainConfig(steps=steps, batch_size=8, lr=EXPERT_LR, log_every=10, keep_freed_memory=True, **extra)
 
 
 def _train_systems(out: Path, budget: MixtureBudget, base: str, report) -> dict[str, dict[str, Any]]:
-    from lorakit.mixtures.meteora import MeteoraConfig
-    from lorakit.jobs.meteora_mixture import train_meteora
-    from lorakit.mixtures.xlora import XLoraConfig
-    from lorakit.jobs.xlora_mixture import train_xlora
     from lorakit.jobs.finetune import finetune
+    from lorakit.jobs.meteora_mixture import train_meteora
+    from lorakit.jobs.xlora_mixture import train_xlora
+    from lorakit.mixtures.meteora import MeteoraConfig
+    from lorakit.mixtures.xlora import XLoraConfig
     mix = out / "data" / "train.jsonl"
     if not mix.is_file():
         mix.parent.mkdir(parents=True, exist_ok=True)
@@ -112,9 +112,9 @@ def _train_systems(out: Path, budget: MixtureBudget, base: str, report) -> dict[
 
 def _loaders(out: Path, base: str) -> dict[str, Callable[[str], tuple]]:
     """For each system: task -> (model, tokenizer). Only the experts' model depends on the task."""
+    from lorakit.jobs.evaluate import model_with_adapter
     from lorakit.jobs.meteora_mixture import load_meteora_model
     from lorakit.jobs.xlora_mixture import load_xlora_model
-    from lorakit.jobs.evaluate import model_with_adapter
     return {
         "experts": lambda task: model_with_adapter(base, out / "experts" / task),
         "lora-all": lambda task: model_with_adapter(base, out / "lora-all"),

@@ -28,7 +28,7 @@ def train_task_expert(task: str, out: str | Path, *, steps: int, lora: LoraConfi
     model, tokenizer = load_model(base)
     torch.manual_seed(0)
     attach(model, lora, task)
-    config = TrainConfig(steps=steps, batch_size=8, lr=EXPERT_LR, log_every=10)
+    config = TrainConfig(steps=steps, batch_size=8, lr=EXPERT_LR, log_every=10, keep_freed_memory=True)
     return train(model, tokenizer, get_task(task).examples("train", steps * 8), config, out_dir=out,
                  overwrite=True, progress=progress)
 

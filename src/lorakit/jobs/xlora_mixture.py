@@ -13,12 +13,11 @@ import torch
 from lorakit.config import TrainConfig
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
-from lorakit.eval.exact_match import EvalResult, evaluate
+from lorakit.eval.exact_match import EvalResult
 from lorakit.eval.generate import generate
 from lorakit.io.adapters import load_adapter
-from lorakit.io.directory_kinds import get_kind
 from lorakit.io.files import save_json
-from lorakit.jobs.evaluate import load_directory
+from lorakit.jobs.evaluate import evaluate_on, load_kind
 from lorakit.methods.component import WritesResult
 from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
@@ -77,10 +76,7 @@ def resume_xlora(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
 def load_xlora_model(path: str | Path, *, base: str | None = None) -> tuple[XLoraModel, Any]:
     """The saved X-LoRA model at ``path`` (through :func:`lorakit.load`) on ``base`` (None: the base it
     records), with the tokenizer, in eval mode; another kind of directory is refused by name."""
-    loaded, tokenizer = load_directory(path, base)
-    if loaded.kind != XLORA_KIND:
-        raise ConfigError(f"{path} holds {get_kind(loaded.kind).holds} (kind {loaded.kind!r}), not an X-LoRA model; "
-                          "lorakit eval and lorakit generate take any kind (--adapter)")
+    loaded, tokenizer = load_kind(path, base, XLORA_KIND)
     return loaded.model, tokenizer
 
 
@@ -88,8 +84,7 @@ def evaluate_xlora(path: str | Path, data: str, *, base: str | None = None, spli
                    n: int | None = None, batch_size: int = 16, progress: bool = False) -> EvalResult:
     """Exact match, loss and perplexity of the saved X-LoRA model on ``data``."""
     xmodel, tokenizer = load_xlora_model(path, base=base)
-    return evaluate(xmodel, tokenizer, load_examples(data, split=split, n=n), batch_size=batch_size,
-                    progress=progress)
+    return evaluate_on(xmodel, tokenizer, data, split=split, n=n, batch_size=batch_size, progress=progress)
 
 
 def generate_xlora(path: str | Path, prompts: list[str], *, base: str | None = None,

@@ -26,7 +26,6 @@ from lorakit.io.adapters import read_adapter, write_adapter_files
 from lorakit.methods.component import TrainingComponent
 
 
-
 def _adapters(model: nn.Module, name: str):
     found = [(layer, layer.adapters[name]) for _, layer in lora_layers(model) if name in layer.adapters]
     if not found:

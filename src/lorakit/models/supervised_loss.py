@@ -142,7 +142,7 @@ def adapter_token_counts(batches: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for batch in batches:
         per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-        for name, tokens in zip(batch["adapter_per_row"], per_row):
+        for name, tokens in zip(batch["adapter_per_row"], per_row, strict=True):
             counts[name] = counts.get(name, 0) + tokens
     return counts
 

@@ -128,7 +128,7 @@ class LoraPro(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = group["params"]
-            for A, B, scale in zip(params[0::2], params[1::2], group["scales"]):
+            for A, B, scale in zip(params[0::2], params[1::2], group["scales"], strict=True):
                 if A.grad is not None or B.grad is not None:
                     self._step_pair(A, B, scale, group)
         return loss

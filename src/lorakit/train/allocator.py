@@ -10,8 +10,9 @@ returning it. CUDA memory is not affected (PyTorch caches it already).
 
 glibc cannot report its current thresholds, so on leaving :func:`freed_memory_kept` they are set back to
 what the process started with: the values of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-when the user set those, else glibc's defaults (128 KiB each). One difference stays: once a threshold
-has been set explicitly, glibc no longer adapts the ``mmap`` threshold to the sizes the program frees.
+when the user set those, else glibc's defaults (128 KiB each), and the freed memory the block kept goes
+back to the operating system (``malloc_trim``). One difference stays: once a threshold has been set
+explicitly, glibc no longer adapts the ``mmap`` threshold to the sizes the program frees.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_CEILING = 32 << 20
@@ -31,17 +32,18 @@ GLIBC_DEFAULT_THRESHOLD = 128 << 10
 
 
 @functools.cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None on other C libraries (musl, macOS, Windows)."""
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, with ``mallopt`` and ``malloc_trim`` typed, or None on other C libraries (musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        libc = ctypes.CDLL(name)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    return libc
 
 
 def _starting_value(variable: str) -> int:
@@ -53,13 +55,15 @@ def _starting_value(variable: str) -> int:
 def freed_memory_kept(enabled: bool = True) -> Iterator[bool]:
     """Within the block, freed memory stays in the process (see the module docstring); yields whether the
     settings took effect (False when not ``enabled`` or without glibc)."""
-    mallopt = _mallopt() if enabled else None
-    if mallopt is None:
+    libc = _glibc() if enabled else None
+    if libc is None:
         yield False
         return
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING))
+    applied = bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and applied
     try:
         yield applied
     finally:
-        mallopt(M_MMAP_THRESHOLD, _starting_value("MALLOC_MMAP_THRESHOLD_"))
-        mallopt(M_TRIM_THRESHOLD, _starting_value("MALLOC_TRIM_THRESHOLD_"))
+        libc.mallopt(M_MMAP_THRESHOLD, _starting_value("MALLOC_MMAP_THRESHOLD_"))
+        libc.mallopt(M_TRIM_THRESHOLD, _starting_value("MALLOC_TRIM_THRESHOLD_"))
+        libc.malloc_trim(0)

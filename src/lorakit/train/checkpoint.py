@@ -4,9 +4,9 @@ A checkpoint is a directory ``checkpoints/step-N`` written atomically (built bes
 ``trainable.safetensors`` (every trainable parameter by name), ``optimizer.safetensors`` (the
 optimizer's tensor state, keys ``state.<param index>.<name>``), ``rng.safetensors`` (torch's
 generator states), ``components.safetensors`` (the training components' ``state_dict``, keys
-``<component index>.<name>``, when any component has state) and ``state.json`` (step, data position, optimizer hyper-parameters and scalars,
-Python's random state, the training config). Restoring all of it makes a resumed run continue
-exactly as an uninterrupted one would.
+``<component index>.<name>``, when any component has state) and ``state.json`` (step, data position,
+optimizer hyper-parameters and scalars, Python's random state, the training config). Restoring all of
+it makes a resumed run continue exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations

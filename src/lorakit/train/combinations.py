@@ -4,7 +4,7 @@
 fine-tuning refuses every LoRA-factor method, and ALLoRA refuses dropout. Everything else combines:
 EVA with DyLoRA (EVA's components are ordered by explained variance, so they nest), any init with
 LoRA-Pro or ALLoRA, BA-LoRA with anything (runs whose base weights move, LoRA-GA and full
-fine-tuning, compare with a separately loaded original model). ALLoRA and CoDyRA are scaling-free:
+fine-tuning, compare with a frozen copy of the model as the run starts). ALLoRA and CoDyRA are scaling-free:
 :func:`scale_free` sets ``alpha`` so that ``s = 1``.
 """
 
@@ -38,9 +38,10 @@ _REFUSED = {
 }
 
 
-def check_combination(init: str, lora: LoraConfig, config: TrainConfig) -> None:
-    """Raise a ConfigError naming the pair and the reason if the run's choices do not combine."""
-    chosen = {"init": init, "optimizer": config.optimizer, "method": config.method}
+def check_combination(lora: LoraConfig, config: TrainConfig) -> None:
+    """Raise a ConfigError naming the pair and the reason if the run's choices (``lora.init`` among them) do
+    not combine."""
+    chosen = {"init": lora.init, "optimizer": config.optimizer, "method": config.method}
     if config.full and (config.optimizer != "adamw" or config.method != "lora"):
         raise ConfigError(f"full fine-tuning cannot use optimizer={config.optimizer!r} / method={config.method!r}: "
                           "they act on LoRA factors, and full fine-tuning has none")

@@ -97,7 +97,7 @@ def adapter_parameter_groups(model: nn.Module, names: Sequence[str]) -> list[lis
     from lorakit.core.state import lora_layers
     groups = [[p for _, layer in lora_layers(model) if name in layer.adapters
                for p in layer.adapters[name].parameters() if p.requires_grad] for name in names]
-    empty = [name for name, group in zip(names, groups) if not group]
+    empty = [name for name, group in zip(names, groups, strict=True) if not group]
     if empty:
         raise ConfigError(f"adapter {empty[0]!r} has no trainable parameters in the model; attach it first")
     return groups

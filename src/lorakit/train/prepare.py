@@ -1,7 +1,8 @@
 """Attaching the adapter a training run starts from, with the chosen initialisation.
 
-``kaiming`` (the default: A Kaiming-uniform, B = 0) and ``gaussian`` only differ in ``LoraConfig.init``.
-The data-driven inits run their estimate on the first training batches before the adapter exists:
+``LoraConfig.init`` names the init (:data:`lorakit.config.INITS`): ``kaiming`` (the default), ``gaussian``
+and ``zeros`` are attached as they are. The data-driven inits run their estimate on the first training
+batches before the adapter exists, attach it Kaiming-initialised, then overwrite its factors:
 
 * ``lora-ga`` (Wang et al. 2024): ``grads = estimate_gradients(...)``, attach, ``init_lora_ga``; the
   base weights move by ``-s B0 A0``, so the run saves the rank-2r adapter that reproduces the trained
@@ -30,14 +31,12 @@ from lorakit.data.batching import Batches
 from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
-from lorakit.errors import ConfigError
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
 from lorakit.init.lora_ga import LoraGaInit, estimate_gradients, init_lora_ga, save_lora_ga_adapter, start_from
 from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
 from lorakit.train.components import method_options
 
-INITS = ("kaiming", "gaussian", "lora-ga", "eva")
 LORA_GA_FILE = "lora_ga_init.safetensors"
 ESTIMATE_BATCHES = 8
 """Training batches the data-driven inits estimate from (LoRA-GA's gradients, EVA's activations)."""
@@ -68,33 +67,36 @@ def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainCon
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
     batches = Batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed)
-    return [batch for _, batch in zip(range(ESTIMATE_BATCHES), batches.epoch(0))]
+    return [batch for _, batch in zip(range(ESTIMATE_BATCHES), batches.epoch(0), strict=False)]
 
 
 def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lora: LoraConfig,
-                    config: TrainConfig, init: str, *, run_dir: Path, resume: bool) -> PreparedAdapter:
-    """Attach adapter ``"default"`` to ``model`` initialised by ``init`` (one of :data:`INITS`)."""
-    if init not in INITS:
-        raise ConfigError(f"init={init!r} is invalid: one of {', '.join(INITS)}")
+                    config: TrainConfig, *, run_dir: Path, resume: bool) -> PreparedAdapter:
+    """Attach adapter ``"default"`` to ``model`` initialised as ``lora.init`` says (one of
+    :data:`lorakit.config.INITS`; the data-driven ones estimate from ``examples`` first)."""
     if config.method == "mixlora":
         return _mixlora(model, lora, config)
-    if init in ("kaiming", "gaussian"):
-        lora = dataclasses.replace(lora, init="gaussian" if init == "gaussian" else lora.init)
-        attach(model, lora)
-        return PreparedAdapter(lora)
-    if init == "eva":
+    if lora.init == "eva":
         return _eva(model, tokenizer, examples, lora, config, resume)
-    return _lora_ga(model, tokenizer, examples, lora, config, run_dir, resume)
+    if lora.init == "lora-ga":
+        return _lora_ga(model, tokenizer, examples, lora, config, run_dir, resume)
+    attach(model, lora)
+    return PreparedAdapter(lora)
+
+
+def _placeholder(lora: LoraConfig) -> LoraConfig:
+    """The config a data-driven init attaches before it overwrites the factors (Kaiming, as PEFT attaches)."""
+    return dataclasses.replace(lora, init="kaiming")
 
 
 def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bool) -> PreparedAdapter:
     if resume:
-        attach(model, lora)
+        attach(model, _placeholder(lora))
         start = LoraGaInit.load(run_dir / LORA_GA_FILE)
         start_from(model, start)
     else:
         grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora)
-        attach(model, lora)
+        attach(model, _placeholder(lora))
         start = init_lora_ga(model, grads)
         start.save(run_dir / LORA_GA_FILE)
     return PreparedAdapter(lora, [LoraGaExport(start)], moves_base=True)
@@ -102,11 +104,11 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
 
 def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdapter:
     if resume:  # the run recorded the EVA config; the checkpoint holds A and B
-        attach(model, lora)
+        attach(model, _placeholder(lora))
         return PreparedAdapter(lora)
     estimate = estimate_eva(model, _estimation_batches(tokenizer, examples, config), lora)
     shaped = eva_config(lora, estimate)
-    attach(model, shaped)
+    attach(model, _placeholder(shaped))
     init_eva(model, estimate)
     return PreparedAdapter(shaped)
 

@@ -38,15 +38,15 @@ from tqdm.auto import tqdm
 from lorakit.config import LoraConfig
 from lorakit.core.activation import disabled
 from lorakit.core.inject import find_targets
-from lorakit.core.modes import eval_mode
 from lorakit.core.kinds import LinearKind, kind_of
 from lorakit.core.layer import LoraLayer
+from lorakit.core.modes import eval_mode
 from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, ConfigError, DataError, StateError, TargetError
 from lorakit.init.eva.estimate import EvaEstimate, EvaModule
+from lorakit.init.eva.incremental_pca import IncrementalPCA
 from lorakit.init.eva.inputs import input_groups, select_tokens, taps, token_mask
 from lorakit.init.eva.ranks import redistribute
-from lorakit.init.eva.incremental_pca import IncrementalPCA
 
 Batch = Mapping[str, torch.Tensor]
 

@@ -24,4 +24,4 @@ def redistribute(ratios: Mapping[str, torch.Tensor], budget: int) -> dict[str, i
     values = torch.cat([ratios[n].detach().float().cpu() for n in names])
     kept = owners[values.argsort(descending=True, stable=True)[:budget]]
     counts = torch.bincount(kept, minlength=len(names)).tolist()
-    return dict(zip(names, counts))
+    return dict(zip(names, counts, strict=True))

@@ -25,8 +25,8 @@ from torch import nn
 from lorakit.core.kinds import LinearKind
 from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, StateError, TargetError
-from lorakit.init.lora_ga.svd_factors import check_options, lora_ga_factors
 from lorakit.init.lora_ga.offset import LoraGaInit, offset_base
+from lorakit.init.lora_ga.svd_factors import check_options, lora_ga_factors
 
 
 def init_lora_ga(model: nn.Module, grads: Mapping[str, torch.Tensor], name: str = "default", *,

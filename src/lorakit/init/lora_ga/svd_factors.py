@@ -42,7 +42,6 @@ import torch
 from lorakit.errors import ConfigError
 
 
-
 @torch.no_grad()
 def top_components(grad: torch.Tensor, count: int, rank: int, seed: int) -> tuple[torch.Tensor, ...]:
     """``U (m, count)``, ``S (count,)``, ``V (n, count)`` of ``grad`` from the seeded randomized SVD."""

@@ -94,10 +94,10 @@ class MeteoraModel(nn.Module):
         keys = [gate_key(path) for path in self.layer_names]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"module paths collide as gate keys: {self.layer_names}")
-        self.keys = {id(layer): key for key, (_, layer) in zip(keys, layers)}
+        self.keys = {id(layer): key for key, (_, layer) in zip(keys, layers, strict=True)}
         device = next(model.parameters()).device
         self.gates = nn.ModuleDict()
-        for key, (_, layer) in zip(keys, layers):
+        for key, (_, layer) in zip(keys, layers, strict=True):
             gate = nn.Linear(layer_input_size(layer), len(self.names), bias=False, device=device, dtype=torch.float32)
             with torch.no_grad():
                 gate.weight.uniform_(-config.gate_init_range, config.gate_init_range)

@@ -22,7 +22,7 @@ from torch import nn
 from lorakit.core.lifecycle import adapter_names
 from lorakit.errors import ConfigError, FormatError
 from lorakit.io.adapters import base_model_name, load_adapter
-from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.io.paths import portable_path, recorded_directory
@@ -150,11 +150,7 @@ def _describe(directory: Path) -> dict:
             "adapters": {name: (paths or {}).get(name) for name in names}, "modules": len(layers)}
 
 
-def _recognise(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and "meteora" in load_json(directory / CONFIG_FILE)
-
-
 register_kind(DirectoryKind(
     name=METEORA_KIND, holds="a MeteoRA model (a gate per adapted linear over task adapters)", load=_load,
-    describe=_describe, recognise=_recognise, recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
+    describe=_describe, recognise=has_field(CONFIG_FILE, "meteora"), recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
     routed="its gates route each token to its top-k task adapters"))

@@ -51,7 +51,8 @@ def gate_task_loss(gate_logits: Sequence[torch.Tensor], targets: torch.Tensor,
         token_targets = targets[:, None].expand(rows, flat.shape[1]).clone()
         if mask is not None:
             if tuple(mask.shape) != tuple(flat.shape[:2]):
-                raise DataError(f"attention mask {tuple(mask.shape)} does not match gate logits {tuple(flat.shape[:2])}")
+                raise DataError(f"attention mask {tuple(mask.shape)} does not match gate logits "
+                                f"{tuple(flat.shape[:2])}")
             token_targets[mask.to(device) == 0] = IGNORE
         labelled = token_targets != IGNORE
         # a layer that lacks the row's adapter (logit -inf) cannot be asked to pick it

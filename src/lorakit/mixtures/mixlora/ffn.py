@@ -96,7 +96,7 @@ class MixLoraFFN(nn.Module):
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(k).index_select(0, order)
         counts = torch.bincount(pair_expert, minlength=len(self.experts)).tolist()
         parts, start = [], 0
-        for name, count in zip(self.experts, counts):
+        for name, count in zip(self.experts, counts, strict=True):
             if count:
                 index = tokens[start:start + count]
                 parts.append(self._expert(name, x.index_select(0, index), gate.index_select(0, index),

@@ -26,7 +26,7 @@ from torch import nn
 from lorakit.core.lifecycle import delete_adapter
 from lorakit.errors import ConfigError, FormatError, StateError
 from lorakit.io.adapters import base_model_name, load_adapter, save_adapter
-from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.io.recorded_base import base_for
@@ -169,11 +169,7 @@ def _describe(directory: Path) -> dict:
             "mixlora": dataclasses.asdict(config), "experts": expert_names(config), "feed_forward_blocks": layers}
 
 
-def _recognise(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and "mixlora" in load_json(directory / CONFIG_FILE)
-
-
 register_kind(DirectoryKind(
     name=MIXLORA_KIND, holds="a MixLoRA model (LoRA experts routed inside each feed-forward block)", load=_load,
-    describe=_describe, recognise=_recognise, recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
+    describe=_describe, recognise=has_field(CONFIG_FILE, "mixlora"), recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
     routed="its experts are routed per token inside each feed-forward block"))

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.errors import FormatError
 from lorakit.io.adapters import base_model_name, load_adapter, save_adapter
-from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.io.paths import portable_path, recorded_directory
@@ -108,11 +108,7 @@ def _describe(directory: Path) -> dict:
             "modules": len(saved.get("layer_names") or [])}
 
 
-def _recognise(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and "xlora" in load_json(directory / CONFIG_FILE)
-
-
 register_kind(DirectoryKind(
     name=XLORA_KIND, holds="an X-LoRA model (a classifier over LoRA experts)", load=_load, describe=_describe,
-    recognise=_recognise, recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
+    recognise=has_field(CONFIG_FILE, "xlora"), recognised_by=f"{CONFIG_FILE} (lorakit 0.1)",
     routed="its experts are mixed per token by a classifier"))
