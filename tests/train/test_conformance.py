@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ class Case:
     """One component's run: the model it trains, its config and components, and what the result loads into."""
 
     config: TrainConfig = BASE
-    model: Callable[[], nn.Module] = None
+    model: Callable[[], nn.Module] = tiny_llama
     components: Callable[[nn.Module], list[TrainingComponent]] = lambda model: []
     examples: Callable[[], list[Example]] = lambda: copy_examples(16)
     into: Callable[[], nn.Module] = tiny_llama
@@ -49,7 +49,6 @@ class Case:
     """How the trained model shows what the result holds (e.g. one of several adapters active)."""
     init: str | None = None
     """A data-driven init run before training (its components join the run)."""
-    prepared: list = field(default_factory=list)
 
 
 def attached(config: TrainConfig) -> Callable[[], nn.Module]:
@@ -102,7 +101,7 @@ def joint(model) -> list[TrainingComponent]:
 
 
 def with_config(**changes) -> Case:
-    config = TrainConfig(**{**vars(BASE), **changes})
+    config = dataclasses.replace(BASE, **changes)
     return Case(config=config, model=attached(config))
 
 
@@ -113,9 +112,9 @@ CASES = {
     "lora-pro": with_config(optimizer="lora-pro"),
     "allora": with_config(optimizer="allora"),
     "ba-lora": with_config(regularizer="ba-lora"),
-    "mixlora": Case(config=TrainConfig(**{**vars(BASE), "method": "mixlora"}), model=mixlora),
+    "mixlora": Case(config=dataclasses.replace(BASE, method="mixlora"), model=mixlora),
     "joint": Case(model=two_adapters, components=joint, result="a", view=lambda m: lorakit.active(m, "a")),
-    "lora-ga": Case(model=tiny_llama, init="lora-ga"),
+    "lora-ga": Case(init="lora-ga"),
     "meteora": Case(model=meteora, components=meteora_components, examples=tasks, into=with_task_adapters),
 }
 

@@ -54,7 +54,7 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.compiled import compiled_body
-from lorakit.train.components import adamw, check_components, components_for
+from lorakit.train.components import adamw, components_for
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate
@@ -120,7 +120,6 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     ``config`` names (e.g. a mixture's task loss, or how an init's result is saved); ``resume`` is a run
     directory or checkpoint. The result goes to ``out_dir`` (the first component whose ``save`` writes it,
     else the adapter in PEFT format, or the full model)."""
-    check_components(config)
     out = Path(out_dir) if out_dir is not None else None
     resume_path = Path(resume) if resume is not None else None
     components = [*components_for(config), *components]

@@ -44,14 +44,12 @@ class JointAdapters(TrainingComponent):
     def __init__(self, row_adapters: Sequence[str]) -> None:
         self.row_adapters = list(row_adapters)
         self.names = list(dict.fromkeys(self.row_adapters))
-        self.model: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> None:
         missing = [name for name in self.names if name not in adapter_names(model)]
         if not self.names or missing:
             raise ConfigError(f"attach an adapter for every dataset first: {missing or 'no datasets given'} "
                               f"(the model holds {adapter_names(model)})")
-        self.model = model
 
     def batches(self, encoded: Sequence[Encoded]) -> list[Encoded]:
         if len(encoded) != len(self.row_adapters):
