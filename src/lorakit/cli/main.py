@@ -16,6 +16,7 @@ from lorakit.cli import (
     demo_commands,
     meteora_commands,
     method_commands,
+    serve_commands,
     tasks_commands,
     train_commands,
     xlora_commands,
@@ -23,7 +24,7 @@ from lorakit.cli import (
 from lorakit.errors import LorakitError
 
 GROUPS = (train_commands, adapter_commands, tasks_commands, demo_commands, xlora_commands, method_commands,
-          meteora_commands, combine_commands, analyze_commands)
+          meteora_commands, combine_commands, analyze_commands, serve_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

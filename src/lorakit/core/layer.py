@@ -40,6 +40,8 @@ class LoraLayer(nn.Module):
         self.merged: dict[str, float] = {}
         """Adapters folded into ``base_layer.weight``, with the weight they were folded in at."""
         self.routing = routing
+        self.epoch = 0
+        """Counts the adapters added and removed, so that what is derived from the set can be cached."""
         self.stacks: dict[str, tuple] = {}
         """Stacked factors the per-row and dense paths reuse without autograd (:mod:`lorakit.core.stack_cache`)."""
         self.train(base_layer.training)  # a layer wrapped in an eval-mode model stays in eval mode
@@ -55,6 +57,12 @@ class LoraLayer(nn.Module):
             self.base_layer, self.kind, rank=config.rank_for(module_name), alpha=config.alpha_for(module_name),
             scale=config.scale_for(module_name), dropout=config.dropout, init=config.init, rslora=config.use_rslora)
         self.adapters[name] = adapter.train(self.training)
+        self.epoch += 1
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` from this layer."""
+        del self.adapters[name]
+        self.epoch += 1
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

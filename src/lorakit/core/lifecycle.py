@@ -71,7 +71,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if any(name in layer.merged for _, layer in layers):
         raise StateError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
     for module_name, layer in layers:
-        del layer.adapters[name]
+        layer.remove_adapter(name)
         if len(layer.adapters) == 0:
             unwrap(model, module_name)
     weights = dict(state.routing.standing.weights)

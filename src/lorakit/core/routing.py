@@ -43,23 +43,52 @@ class StaticRouting:
 
 
 @dataclass(frozen=True)
-class PerRowRouting:
-    """One adapter name (or ``None``: the base model alone) for each row of the batch."""
+class Combination:
+    """A weighted, unmerged sum of adapters for one row: ``delta = sum_i w_i s_i B_i A_i x`` (weights may be
+    negative). In a mixed batch it is one more choice: its factors are the members' stacked along the rank,
+    ``A = [A_1; A_2; ...]`` and ``s B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]``, whose product is exactly the sum."""
 
-    names: tuple[str | None, ...]
+    weights: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float]) -> Combination:
+        """The combination of ``weights`` (validated as :meth:`StaticRouting.of` does)."""
+        static = StaticRouting.of(list(weights), list(weights.values()))
+        return cls(tuple(static.weights.items()))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.weights)
+
+
+RowChoice = str | Combination | None
+"""What one row of a mixed batch runs: an adapter, a combination, or (``None``) the base model alone."""
+
+
+@dataclass(frozen=True)
+class PerRowRouting:
+    """One choice per row of the batch: an adapter name, a :class:`Combination`, or ``None`` (the base)."""
+
+    names: tuple[RowChoice, ...]
 
     @cached_property
-    def rows_by_adapter(self) -> dict[str, list[int]]:
-        """The row indices of each adapter named (rows routed to ``None`` are left out)."""
-        rows: dict[str, list[int]] = {}
+    def rows_by_adapter(self) -> dict[str | Combination, list[int]]:
+        """The row indices of each choice (rows routed to ``None`` are left out)."""
+        rows: dict[str | Combination, list[int]] = {}
         for row, name in enumerate(self.names):
             if name is not None:
                 rows.setdefault(name, []).append(row)
         return rows
 
-    def slots(self, held: Sequence[str], device: torch.device) -> torch.Tensor:
-        """Each row's index into ``held`` (a layer's adapters, in order), ``len(held)`` for a row whose
-        adapter the layer does not hold or that is routed to ``None``; cached per ``(held, device)``."""
+    @property
+    def adapter_names(self) -> set[str]:
+        """Every adapter the rows use, combinations' members included."""
+        return {member for choice in self.rows_by_adapter
+                for member in (choice.names if isinstance(choice, Combination) else (choice,))}
+
+    def slots(self, held: Sequence[str | Combination], device: torch.device) -> torch.Tensor:
+        """Each row's index into ``held`` (the choices a layer holds, in order), ``len(held)`` for a row whose
+        choice the layer does not hold or that is routed to ``None``; cached per ``(held, device)``."""
         key = (tuple(held), device)
         cache = self.__dict__.setdefault("_slots", {})
         if key not in cache:
@@ -121,8 +150,8 @@ class RoutingState:
     @contextmanager
     def override(self, routing: CallRouting, known: Sequence[str]) -> Iterator[None]:
         """Use ``routing`` instead of the standing choice inside the block; its names must be ``known``."""
-        names = routing.names
-        unknown = sorted({n for n in names if n is not None and n not in known})
+        names = routing.adapter_names if isinstance(routing, PerRowRouting) else set(routing.names)
+        unknown = sorted(n for n in names if n not in known)
         if unknown:
             raise AdapterError(f"routing names unknown adapters {unknown}; known: {sorted(known)}")
         previous, self.call = self.call, routing
