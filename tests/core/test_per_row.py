@@ -6,6 +6,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.core.routing import Combination
 from tests.helpers import logits, perturb, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -75,3 +76,17 @@ def test_adapters_trained_in_one_batch_get_the_gradients_of_training_alone():
     assert joint.keys() == alone.keys() and any(".n0." in k for k in joint) and any(".n1." in k for k in joint)
     for key in joint:
         torch.testing.assert_close(joint[key], alone[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_a_combination_row_equals_the_weighted_active_set_and_leaves_other_rows_alone():
+    model, ids = tiny_llama(), token_batch(rows=3)
+    names = adapters(model)
+    weights = {"n0": 1.0, "n2": -0.5}
+    with lorakit.active(model, *weights, weights=list(weights.values())):
+        combined = logits(model, ids)
+    single = single_runs(model, names, ids)
+    mixed = logits(model, ids, adapter_per_row=[Combination(tuple(weights.items())), "n1", None])
+    torch.testing.assert_close(mixed[0], combined[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], single["n1"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], single[None][2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], single["n0"][0])

@@ -50,12 +50,6 @@ class Combination:
 
     weights: tuple[tuple[str, float], ...]
 
-    @classmethod
-    def of(cls, weights: Mapping[str, float]) -> Combination:
-        """The combination of ``weights`` (validated as :meth:`StaticRouting.of` does)."""
-        static = StaticRouting.of(list(weights), list(weights.values()))
-        return cls(tuple(static.weights.items()))
-
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.weights)

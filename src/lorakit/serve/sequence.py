@@ -57,7 +57,7 @@ class Sequence:
         if self.ended:
             return
         self.ended = True
-        rest = self.text.finish() if reason == "length" or reason == "stop" else ""
+        rest = self.text.finish() if reason in ("length", "stop") else ""
         if rest:
             self.handle.publish(TextDelta(self.index, rest, ()))
         self.handle.publish(ChoiceEnd(self.index, reason, len(self.generated), message))

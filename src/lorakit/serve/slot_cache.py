@@ -119,6 +119,7 @@ class SlotView:
         return keys[window, :, : self.length], values[window, :, : self.length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions cached before this forward (part of the cache interface; lorakit passes positions itself)."""
         return self.length - self.new
 
 
