@@ -18,7 +18,7 @@ is counted as what it is). Measured:
   one ``generate(adapter_names=...)`` batch, PEFT's best case.
 * ``transformers_serve``: the base model under the same clients through ``transformers serve`` (its
   continuous batching), where it runs here;
-* ``long_prompt``: 16 streams decoding; the p99 gap between their tokens without and with a
+* ``long_prompt``: 16 streams decoding; the p99 (and p90, p50) gap between their tokens without and with a
   ``--long-prompt``-token prompt arriving (the scheduler's chunked prefill keeps the ratio small).
 
 One JSON line per measurement, then a summary; results in ``docs/results/serving.md``.
@@ -174,9 +174,13 @@ async def stream_gaps(url: str, texts: list[str], streams: int, max_tokens: int,
     return gaps
 
 
-def p99(values: list[float]) -> float:
+def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def p99(values: list[float]) -> float:
+    return quantile(values, 0.99)
 
 
 def peft_loops(paths: list[Path], texts: list[str], max_tokens: int) -> dict:
@@ -232,7 +236,10 @@ def main() -> None:
             alone = asyncio.run(stream_gaps(url, texts, 16, args.max_tokens * 2, None))
             intruded = asyncio.run(stream_gaps(url, texts, 16, args.max_tokens * 2, long_prompt))
             summary["long_prompt"] = {"p99_gap_s": p99(alone), "p99_gap_with_long_prompt_s": p99(intruded),
-                                      "ratio": p99(intruded) / p99(alone)}
+                                      "ratio": p99(intruded) / p99(alone),
+                                      "p90_gap_s": quantile(alone, 0.9), "p90_gap_with_long_prompt_s":
+                                      quantile(intruded, 0.9), "p50_gap_s": quantile(alone, 0.5),
+                                      "p50_gap_with_long_prompt_s": quantile(intruded, 0.5)}
             emit({"measurement": "long_prompt", **summary["long_prompt"]})
         try:
             with transformers_server(Path(root)) as (url, name):

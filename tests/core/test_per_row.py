@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.core.routing import Combination
+from lorakit.core.activation import routed
+from lorakit.core.routing import Combination, PerRowRouting
+from lorakit.errors import ConfigError
 from tests.helpers import logits, perturb, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -90,3 +93,47 @@ def test_a_combination_row_equals_the_weighted_active_set_and_leaves_other_rows_
     torch.testing.assert_close(mixed[1], single["n1"][1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[2], single[None][2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed[0], single["n0"][0])
+
+
+def test_rows_of_one_token_equal_their_single_runs_as_the_batch_changes():
+    """Decode-step rows (one position each): gathered from the stack of every adapter of the layer, or (with a
+    combination) from the batch's own choices; each row gets its own adapter, combination or the base, and
+    a batch whose rows changed gets the new rows' factors."""
+    model, ids = tiny_llama(), token_batch(rows=4, length=1)
+    names = adapters(model)
+    single = single_runs(model, names, ids)
+    with lorakit.active(model, "n0", "n2", weights=[1.0, -0.5]):
+        combined = logits(model, ids)
+    combination = Combination((("n0", 1.0), ("n2", -0.5)))
+    for rows in (["n1", None, "n2", "n0"], ["n2", "n1", None, "n0"], [combination, "n1", None, "n2"]):
+        mixed = logits(model, ids, adapter_per_row=rows)
+        for row, choice in enumerate(rows):
+            expected = combined if choice is combination else single[choice]
+            torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-5)
+    assert "per_row_every" in model.model.layers[0].self_attn.q_proj.stacks
+
+
+def test_packed_rows_equal_each_row_run_alone_and_reject_a_wrong_total():
+    """Rows packed into one sequence (one-token rows first, then longer ones, as a server packs decode tokens
+    and prompt chunks) get their own adapter's, combination's or the base's output on their positions, both
+    through every used adapter at once (no autograd) and one row at a time (autograd)."""
+    model = tiny_llama()
+    adapters(model)
+    layer = model.model.layers[0].mlp.down_proj
+    choices = ("n0", None, "n2", "n1", Combination((("n0", 0.5), ("n2", -1.0))), None, "n0")
+    lengths = (1, 1, 1, 4, 3, 2, 5)
+    x = torch.randn(1, sum(lengths), layer.base_layer.in_features, generator=torch.Generator().manual_seed(3))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), routed(model, PerRowRouting(choices, lengths)):
+            packed = layer(x).detach()
+        start = 0
+        for choice, length in zip(choices, lengths, strict=True):
+            with torch.no_grad(), routed(model, PerRowRouting((choice,))):
+                alone = layer(x[:, start:start + length])
+            torch.testing.assert_close(packed[:, start:start + length], alone, atol=1e-5, rtol=1e-5)
+            start += length
+        assert not torch.allclose(packed[:, 0], layer.base_layer(x[:, 0]))  # n0 changes row 0
+    with pytest.raises(ConfigError, match="packed rows"), routed(model, PerRowRouting(choices, lengths)):
+        layer(x[:, :-1])
+    with pytest.raises(ConfigError, match="one positive length per row"):
+        PerRowRouting(("n0", "n1"), (1, 0))

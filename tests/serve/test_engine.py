@@ -85,6 +85,24 @@ def test_a_prompt_read_in_chunks_gives_the_same_answer(served, engine, monkeypat
     assert answers[1].text == alone(base, adapters["b"], "abc", max_tokens=30)
 
 
+def test_a_long_sequence_runs_in_the_long_lane_and_gives_the_same_answer(served, engine, monkeypatch):
+    """A sequence longer than LONG_SEQUENCE gets the long twin of the shared lane (slots of its own), next to
+    short ones decoding in the shared lane; no answer changes."""
+    base, adapters, _ = served
+    monkeypatch.setattr(scheduler, "LONG_SEQUENCE", 24)
+    long_forwards = []
+    forward_packed = engine.scheduler.long.forward_packed
+    monkeypatch.setattr(engine.scheduler.long, "forward_packed",
+                        lambda *args, **kwargs: long_forwards.append(1) or forward_packed(*args, **kwargs))
+    prompt = "a prompt long enough for the long lane"
+    answers = run_all(engine, [request(engine, "b", "abc", max_tokens=20), request(engine, "a", prompt),
+                               request(engine, "c", "hello there", max_tokens=12)])
+    assert answers[1].text == alone(base, adapters["a"], prompt)
+    assert answers[0].text == alone(base, adapters["b"], "abc", max_tokens=20)
+    assert answers[2].text == alone(base, adapters["c"], "hello there", max_tokens=12)
+    assert long_forwards and not engine.scheduler.long.sequences
+
+
 def test_choices_share_one_prefill_and_seeded_sampling_does_not_depend_on_the_load(engine):
     sampled = Sampling(temperature=1.5, top_p=0.95, seed=3)
     lone = run_all(engine, [request(engine, "a", "hello", n=3, sampling=sampled, max_tokens=12)])[0]

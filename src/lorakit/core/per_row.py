@@ -14,6 +14,18 @@ back to each adapter's own ``A`` and ``B`` (several adapters trained in one batc
 (embeddings, convolutions) and dropout in training (one mask per adapter) take one gather and
 scatter per adapter instead. A :class:`~lorakit.core.routing.Combination` ``sum_i w_i s_i B_i A_i`` is one
 more slot whose factors are its members' concatenated along the rank (``R`` is then the largest sum).
+
+Rows of one position each (decode steps) without autograd gather from a stack of *every* adapter of the
+layer while it holds few enough per row (:func:`rows_from_every_adapter`): the stack changes only when the
+layer's adapters do, so rows joining and leaving the batch (every step, under continuous batching) cost
+one gather instead of a new stack of the batch's choices.
+
+*Packed* rows (``PerRowRouting.lengths``: one sequence ``(1, T, d_in)`` holding every row's positions one
+after the other, as a server packs decode tokens and prompt chunks) take the paths above for the leading
+rows of one position each, and the longer rows (prompt chunks) go through the adapters they use at once,
+each position weighted by its row's choice (:func:`add_dense_row_deltas`: ``((x A^T) * W) sB``, ``W``
+each position's weight of each adapter: 0, 1, or a combination's weights): one product pair for all of
+them, not one per row.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch.nn.functional as F
 
 from lorakit.core.adapter import LoraAdapter
 from lorakit.core.kinds import LinearKind
-from lorakit.core.routing import Combination, PerRowRouting
+from lorakit.core.routing import Combination, PerRowRouting, RowChoice
 from lorakit.core.stack_cache import cached_stack, factors_key
 from lorakit.errors import ConfigError, StateError
 
@@ -39,8 +51,13 @@ def add_per_row_delta(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
     if layer.merged:
         raise StateError(f"adapters {sorted(layer.merged)} are merged into the base weights; unmerge "
                          "them before running a mixed batch (adapter_per_row)")
+    if routing.lengths is not None:
+        return _add_packed_deltas(layer, x, result, routing)
     if len(routing.names) != x.shape[0]:
         raise ConfigError(f"adapter_per_row has {len(routing.names)} names for a batch of {x.shape[0]} rows")
+    if _gathers_from_every_adapter(layer, x, routing):
+        A_rows, B_rows = rows_from_every_adapter(layer, routing, x.device)
+        return add_row_deltas(x, result, A_rows, B_rows)
     held, adapters = _plan(layer, routing)
     if not held:
         return result
@@ -51,6 +68,41 @@ def add_per_row_delta(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
         return _by_choice(layer, x, result, routing, held)
     A_rows, B_rows = row_factors(layer, held, adapters, routing, x.device)
     return add_row_deltas(x, result, A_rows, B_rows)
+
+
+def _add_packed_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
+                       routing: PerRowRouting) -> torch.Tensor:
+    """Packed rows (``x`` ``(1, T, ...)``): the leading one-position rows as a mixed batch of their own (the
+    paths above), then the longer rows (prompt chunks) through the adapters they use, each position weighted
+    by its row's choice (:func:`add_dense_row_deltas`; one product pair per row with autograd or dropout)."""
+    if x.shape[0] != 1 or sum(routing.lengths) != x.shape[1]:
+        raise ConfigError(f"packed rows of {sum(routing.lengths)} positions in all need an input of shape "
+                          f"(1, {sum(routing.lengths)}, ...); got {tuple(x.shape)}")
+    single, longer = routing.single_token_rows, routing.longer_rows
+    count = len(single.names)
+    pieces = []
+    if count:
+        head = add_per_row_delta(layer, x[0, :count].unsqueeze(1), result[0, :count].unsqueeze(1), single)
+        pieces.append(head.reshape(1, count, *result.shape[2:]))
+    if longer.names:
+        used = tuple(name for name in layer.adapters if name in longer.adapter_names)
+        part, inputs = result[:, count:], x[:, count:]
+        if used and _dense_allowed(layer):
+            part = add_dense_row_deltas(layer, inputs, part, longer, used)
+        elif used:
+            part = torch.cat([_segment(layer, inputs, part, choice, start, length)
+                              for choice, start, length in longer.segments], dim=1)
+        pieces.append(part)
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+
+def _segment(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, choice: RowChoice, start: int,
+             length: int) -> torch.Tensor:
+    """Positions ``start .. start + length`` of ``result`` plus ``choice``'s delta there."""
+    part = result[:, start:start + length]
+    if choice is None or not _members(layer, choice):
+        return part
+    return part + _choice_delta(layer, choice, x[:, start:start + length]).to(result.dtype)
 
 
 def _plan(layer: LoraLayer, routing: PerRowRouting) -> tuple[list[str | Combination], list[LoraAdapter]]:
@@ -128,6 +180,90 @@ def row_factors(layer: LoraLayer, held: list[str | Combination], adapters: list[
                 stacked_B.index_select(0, slots).transpose(1, 2).contiguous())
 
     return cached_stack(layer.stacks, "per_row_rows", adapters, build, extra=(tuple(held), routing.names), key=key)
+
+
+def _dense_allowed(layer: LoraLayer) -> bool:
+    """Whether :func:`add_dense_row_deltas` may run: a linear layer, no autograd, no dropout acting."""
+    return not torch.is_grad_enabled() and isinstance(layer.kind, LinearKind) and not (
+        layer.training and any(a.dropout > 0 for a in layer.adapters.values()))
+
+
+EVERY_ADAPTER_PER_ROW = 2
+"""Rows of one position each gather their factors from a stack of every adapter of the layer while it holds at
+most this many per row (the stack then costs at most that many rows' factors in memory)."""
+
+
+def _gathers_from_every_adapter(layer: LoraLayer, x: torch.Tensor, routing: PerRowRouting) -> bool:
+    """Whether ``x``'s rows (one position each: decode steps; no autograd, no dropout, no combination, more than
+    one choice) gather their factors from the stack of every adapter of the layer, which is rebuilt only when
+    the layer's adapters change: rows joining and leaving the batch (every step, under continuous batching)
+    then cost one gather, not a new stack of the batch's choices and a gather."""
+    rows = x.shape[0]
+    return (x.numel() == rows * x.shape[-1] and _dense_allowed(layer)
+            and 1 < len(routing.rows_by_adapter) and len(layer.adapters) <= EVERY_ADAPTER_PER_ROW * rows
+            and not any(isinstance(choice, Combination) for choice in routing.rows_by_adapter))
+
+
+def rows_from_every_adapter(layer: LoraLayer, routing: PerRowRouting, device: torch.device
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's factors for ``bmm``, ``A_rows`` (rows, d_in, R) and ``B_rows`` (rows, R, d_out), gathered from the
+    stack of every adapter of the layer (laid out so that the gather is the only copy); both the stack and
+    the rows' factors are cached (the rows' while the rows' choices are unchanged)."""
+    adapters = list(layer.adapters.values())
+    names = tuple(layer.adapters)
+    key = factors_key(adapters)
+
+    def stack() -> tuple[torch.Tensor, torch.Tensor]:
+        A, sB = _side_by_side(adapters)  # (N R, d_in), (N R, d_out)
+        rank = A.shape[0] // len(names)
+        A = A.view(len(names), rank, -1).transpose(1, 2)  # (N, d_in, R)
+        sB = sB.view(len(names), rank, -1)  # (N, R, d_out)
+        return F.pad(A, (0, 0, 0, 0, 0, 1)).contiguous(), F.pad(sB, (0, 0, 0, 0, 0, 1)).contiguous()
+
+    A_all, B_all = cached_stack(layer.stacks, "per_row_every", adapters, stack, extra=names, key=key)
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        slots = routing.slots(names, device)
+        return A_all.index_select(0, slots), B_all.index_select(0, slots)
+
+    return cached_stack(layer.stacks, "per_row_every_rows", adapters, gather, extra=(names, routing.names), key=key)
+
+
+def _side_by_side(adapters: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` ``(N R, d_in)`` and ``sB`` ``(N R, d_out)`` of ``adapters`` (ranks zero-padded to the largest, ``R``)."""
+    factors = [a.factors() for a in adapters]
+    rank = max(A.shape[0] for A, _, _ in factors)
+    A = torch.cat([F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors])
+    sB = torch.cat([F.pad(B * scale, (0, rank - B.shape[1])).T for _, B, scale in factors])
+    return A, sB
+
+
+def dense_factors(layer: LoraLayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_side_by_side` of adapters ``names`` of ``layer``, cached while the names and their factors are
+    unchanged."""
+    adapters = [layer.adapters[name] for name in names]
+    return cached_stack(layer.stacks, "per_row_dense", adapters, lambda: _side_by_side(adapters), extra=names)
+
+
+def add_dense_row_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting,
+                         names: tuple[str, ...]) -> torch.Tensor:
+    """``result`` plus every position's delta through the adapters ``names`` at once, nothing gathered::
+
+        delta = ((x A^T) * W) sB        # (positions, N R) codes, weighted, then (positions, d_out)
+
+    ``W`` (positions, N R) holds each position's row's weight of each adapter on that adapter's ``R`` columns
+    (1 for the row's adapter, ``w_i`` for a combination's members, 0 elsewhere; packed rows repeat it over
+    their positions), so a combination costs no more than an adapter and rows that change only change
+    ``W``. ``x`` is (rows, ..., d_in) or packed (1, T, d_in)."""
+    A, sB = dense_factors(layer, names)
+    rank = A.shape[0] // len(names)
+    code = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A.T  # (positions, N R)
+    code.mul_(routing.column_weights(names, rank, code.device, code.dtype))
+    flat = result.view(code.shape[0], -1) if result.is_contiguous() and result.dtype == sB.dtype else None
+    if flat is not None:
+        flat.addmm_(code, sB)  # (positions, d_out) += code sB
+        return result
+    return result + (code @ sB).reshape(result.shape).to(result.dtype)
 
 
 def add_row_deltas(x: torch.Tensor, result: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor) -> torch.Tensor:

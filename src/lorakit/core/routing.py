@@ -9,6 +9,7 @@ only in the routing they compute; layers read it, and nothing else is smuggled i
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -61,9 +62,38 @@ RowChoice = str | Combination | None
 
 @dataclass(frozen=True)
 class PerRowRouting:
-    """One choice per row of the batch: an adapter name, a :class:`Combination`, or ``None`` (the base)."""
+    """One choice per row of the batch: an adapter name, a :class:`Combination`, or ``None`` (the base).
+
+    With ``lengths`` the rows are *packed* into one sequence (``x`` is ``(1, T, ...)``): row ``b`` is the
+    next ``lengths[b]`` positions. That is how a server reads many rows' single next tokens and other rows'
+    prompt chunks in one forward without padding any of them (:func:`~lorakit.core.per_row.add_per_row_delta`)."""
 
     names: tuple[RowChoice, ...]
+    lengths: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and (len(self.lengths) != len(self.names) or min(self.lengths, default=1) < 1):
+            raise ConfigError(f"packed rows need one positive length per row; got {len(self.names)} rows and "
+                              f"lengths {self.lengths}")
+
+    @cached_property
+    def single_token_rows(self) -> PerRowRouting:
+        """Packed rows: the leading rows of one position each, as a batch of rows of their own."""
+        lengths = self.lengths or ()
+        count = next((row for row, length in enumerate(lengths) if length != 1), len(lengths))
+        return PerRowRouting(self.names[:count])
+
+    @cached_property
+    def longer_rows(self) -> PerRowRouting:
+        """Packed rows after :attr:`single_token_rows`, packed on their own."""
+        count = len(self.single_token_rows.names)
+        return PerRowRouting(self.names[count:], (self.lengths or ())[count:])
+
+    @property
+    def segments(self) -> tuple[tuple[RowChoice, int, int], ...]:
+        """Packed rows: each row's ``(choice, first position, length)``."""
+        starts = itertools.accumulate(self.lengths or (), initial=0)
+        return tuple(zip(self.names, starts, self.lengths or (), strict=False))
 
     @cached_property
     def rows_by_adapter(self) -> dict[str | Combination, list[int]]:
@@ -74,7 +104,7 @@ class PerRowRouting:
                 rows.setdefault(name, []).append(row)
         return rows
 
-    @property
+    @cached_property
     def adapter_names(self) -> set[str]:
         """Every adapter the rows use, combinations' members included."""
         return {member for choice in self.rows_by_adapter
@@ -88,6 +118,27 @@ class PerRowRouting:
         if key not in cache:
             index = {name: i for i, name in enumerate(held)}
             cache[key] = torch.tensor([index.get(name, len(held)) for name in self.names], device=device)
+        return cache[key]
+
+
+    def column_weights(self, adapters: Sequence[str], rank: int, device: torch.device, dtype: torch.dtype
+                       ) -> torch.Tensor:
+        """``(positions, len(adapters) * rank)``: each row's weight of each of ``adapters`` repeated over that
+        adapter's ``rank`` columns (1 for the row's adapter, a combination's weights for its members, 0
+        otherwise), one line per row (per position of packed rows); cached per ``(adapters, rank, device, dtype)``."""
+        key = ("columns", tuple(adapters), rank, device, dtype)
+        cache = self.__dict__.setdefault("_slots", {})
+        if key not in cache:
+            index = {name: i for i, name in enumerate(adapters)}
+            weights = torch.zeros(len(self.names), len(adapters))
+            for row, choice in enumerate(self.names):
+                members = choice.weights if isinstance(choice, Combination) else ((choice, 1.0),) if choice else ()
+                for name, weight in members:
+                    if name in index:
+                        weights[row, index[name]] += weight
+            if self.lengths is not None:  # packed rows: each row's weights on each of its positions
+                weights = weights.repeat_interleave(torch.tensor(self.lengths), dim=0)
+            cache[key] = weights.repeat_interleave(rank, dim=1).to(device=device, dtype=dtype)
         return cache[key]
 
 

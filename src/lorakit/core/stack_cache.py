@@ -10,11 +10,17 @@ and nothing more (a mixed batch over 32 adapters checks 64 parameters per layer)
 
 Writes through ``p.data`` bypass the version counter (PyTorch gives ``.data`` a counter of its own):
 update parameters in place under ``torch.no_grad()`` instead, as optimizers do.
+
+A caller that never changes factors in place (a server: it loads adapters, serves them and unloads them)
+can say so with :func:`frozen_factors`; inside it the key is only which adapter modules the stack holds,
+so a decode step does not read every parameter of every adapter of every layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -24,8 +30,26 @@ from lorakit.core.adapter import LoraAdapter
 T = TypeVar("T")
 
 
+_FROZEN = threading.local()
+
+
+@contextmanager
+def frozen_factors() -> Iterator[None]:
+    """Inside the block (on this thread) the caller promises that no adapter's factors change in place, and that
+    an adapter replaced by another comes under another name: cached stacks are then keyed by which adapter
+    modules they hold (:func:`factors_key`), without reading their parameters."""
+    previous = getattr(_FROZEN, "on", False)
+    _FROZEN.on = True
+    try:
+        yield
+    finally:
+        _FROZEN.on = previous
+
+
 def factors_key(adapters: Sequence[LoraAdapter]) -> tuple:
     """What identifies the current factors of ``adapters`` (see the module docstring)."""
+    if getattr(_FROZEN, "on", False):
+        return ("frozen", tuple(map(id, adapters)))
     parameters = [p for a in adapters for p in a._parameters.values() if p is not None]  # A, B, CoDyRA's gate
     first = parameters[0] if parameters else None
     return (None if first is None else (first.dtype, first.device),

@@ -1,16 +1,18 @@
 """Continuous batching: what the engine's thread does at every token boundary.
 
 Each iteration (:meth:`Scheduler.step`) ends cancelled and timed-out choices, admits waiting requests
-while there are free rows (in arrival order), runs *one chunk* of the prompt being prefilled, and then
-one decode step for every lane with decoding rows: every running choice gets its next token, finished
-ones leave at once and their slots are reused by the next arrivals.
+while there are free rows (in arrival order), reads a budget of prompt tokens, and decodes one token
+for every running choice: finished ones leave at once and their slots are reused by the next arrivals.
+In the shared lane the prompt chunks and the decode tokens are one packed forward
+(:mod:`.packed_batch`: one weight read, no padding); a mixture lane reads its prompts in a padded
+forward of their own before its decode step.
 
-A long prompt never stalls the streams already decoding: it is prefilled in chunks between their decode
-steps, and the chunk is sized so that it costs about ``PREFILL_SHARE`` of a decode step (a
-multiplicative controller on the measured times), so decoding rows see their inter-token latency grow
-by that share at most while a prompt of any length is read. With nothing decoding, a chunk takes
-``MAX_CHUNK`` tokens. The ``n`` choices of a request share one prefill: the prompt's cache is copied into
-each choice's slot.
+A long prompt never stalls the streams already decoding: it is read in chunks over many iterations,
+each chunk sized so that it adds about ``PREFILL_SHARE`` of a decode step per request waiting for its
+prompt (:meth:`Scheduler._prompt_budget`, from the lane's fitted :class:`~.step_cost.StepCost`). One
+newcomer of any length slows the decoding rows by that share; a crowd arriving at once is read in a few
+iterations, so the decode batch fills. With nothing decoding, a forward reads ``MAX_CHUNK`` tokens.
+The ``n`` choices of a request share one prefill: the prompt's cache is copied into each choice's slot.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ from lorakit.serve.sequence import Sequence
 
 LOG = logging.getLogger("lorakit.serve")
 
-PREFILL_SHARE = 0.8
-"""A prefill chunk's target cost, as a share of the decode steps it runs between."""
+LONG_SEQUENCE = 512
+"""Positions (prompt and new tokens) beyond which a sequence runs in the long twin of the shared lane: KV slots
+are as long as the longest sequence in their cache, so one long sequence among short ones would make every
+slot that long (memory, and a stall of seconds while the buffers grow)."""
+PREFILL_SHARE = 0.6
+"""What each request waiting for its prompt may add to a step while rows decode, as a share of a decode step."""
 MIN_CHUNK, FIRST_CHUNK, MAX_CHUNK = 8, 32, 512
-"""Chunk sizes in tokens: the controller's bounds, where it starts, and a chunk with nothing decoding."""
+"""Prompt tokens a forward reads: at least, before its lane's costs are known, and at most (nothing decoding)."""
 
 
 @dataclass(eq=False)
@@ -60,6 +66,8 @@ class Scheduler:
                  request_timeout: float | None, observer: EngineObserver) -> None:
         self.residency = residency
         self.shared = shared
+        self.long = Lane(shared.name, shared.model, shared.caches[0].context_length, cost=shared.cost)
+        """The shared lane's twin for sequences longer than ``LONG_SEQUENCE``: same model, caches of its own."""
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.max_batch = max_batch
@@ -74,8 +82,6 @@ class Scheduler:
         """Mixture lanes by served name."""
         self.retired: list[Lane] = []
         """Mixture lanes replaced or unloaded while sequences still ran in them."""
-        self._chunk = FIRST_CHUNK
-        self._decode_seconds = 0.0
 
     @property
     def rows(self) -> int:
@@ -94,24 +100,27 @@ class Scheduler:
     # -- one iteration ---------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """End what is cancelled or late, admit, read one batch of prompt chunks, decode one token everywhere."""
+        """End what is cancelled or late, admit, read prompt chunks, decode one token everywhere."""
         self._expire()
         self._admit()
         decoding = [lane for lane in self._all_lanes() if lane.decoding]
-        if self.prefilling:
-            lane = self.prefilling[0].lane
-            rows, width = self._prefill_rows(lane, self._chunk if decoding else MAX_CHUNK)
+        budget = self._prompt_budget(sum(len(lane.decoding) for lane in decoding))
+        reading = self.prefilling[0].lane if self.prefilling else None
+        if reading is not None and reading.packs:
+            rows, chunks = self._prompt_chunks(reading, budget)
+            self._guarded(reading.decoding + [s for r in rows for s in self.running[r].sequences],
+                          lambda: self._packed(reading, rows, chunks))
+            decoding = [lane for lane in decoding if lane is not reading]
+        elif reading is not None:
+            rows, width = self._prefill_rows(reading, budget)
             self._guarded([s for r in rows for s in self.running[r].sequences],
-                          lambda: self._prefill(lane, rows, width, adapt=bool(decoding)))
-        started = time.perf_counter()
+                          lambda: self._prefill(reading, rows, width))
         for lane in decoding:
             self._guarded(lane.decoding, lambda lane=lane: self._decode(lane))
-        if decoding:
-            self._decode_seconds = time.perf_counter() - started
         self.retired = [lane for lane in self.retired if lane.sequences]
 
     def _all_lanes(self) -> list[Lane]:
-        return [self.shared, *self.lanes.values(), *self.retired]
+        return [self.shared, self.long, *self.lanes.values(), *self.retired]
 
     def _guarded(self, sequences: list[Sequence], work) -> None:
         """Run ``work``; if it fails, end ``sequences`` with the error (the engine itself goes on)."""
@@ -220,15 +229,68 @@ class Scheduler:
         versions = [self.residency.current[name] for name in names]
         if not self.residency.acquire(versions):
             return None
+        lane = self.long if len(request.prompt_ids) + request.max_tokens > LONG_SEQUENCE else self.shared
         if request.adapters:
-            return self.shared, Combination(tuple((v.internal, names[v.name]) for v in versions)), versions
-        return self.shared, (versions[0].internal if versions else None), versions
+            return lane, Combination(tuple((v.internal, names[v.name]) for v in versions)), versions
+        return lane, (versions[0].internal if versions else None), versions
 
     # -- prefill ---------------------------------------------------------------------------------------
 
+    def _prompt_budget(self, decoding: int) -> int:
+        """The prompt tokens the next forward of the lane reading prompts may read, ``decoding`` rows decoding.
+
+        Nothing decoding: ``MAX_CHUNK``. Otherwise every request waiting for its prompt may add ``PREFILL_SHARE``
+        of a decode step to the decoding rows' inter-token time: one newcomer (however long its prompt) slows
+        the streams by that share, and a crowd of newcomers is read in a few iterations, so that the decode
+        batch fills (on a CPU a decode step costs nearly as much for 4 rows as for 32). The lane's fitted
+        :class:`~.step_cost.StepCost` turns that time into tokens, counting the weight read a forward of
+        their own pays when the lane cannot pack them with decode tokens (or has none to pack them with)."""
+        if decoding == 0 or not self.prefilling:
+            return MAX_CHUNK
+        lane = self.prefilling[0].lane
+        share = PREFILL_SHARE * len(self.prefilling)
+        step = lane.cost.seconds(decoding)
+        alone = not (lane.packs and lane.decoding)  # the prompts' forward is one more weight read
+        tokens = None if step is None else lane.cost.tokens_for(share * step, own_forward=alone)
+        return FIRST_CHUNK if tokens is None else min(MAX_CHUNK, max(MIN_CHUNK, tokens))
+
+    def _prompt_chunks(self, lane: Lane, budget: int) -> tuple[list[Sequence], list[list[int]]]:
+        """The prompts to read next in a lane that packs, in slot order, and the chunk of each: ``budget`` tokens
+        in all, no padding."""
+        rows, chunks = [], []
+        for sequence in [s for s in lane.sequences if s.prefilling]:
+            if budget <= 0:
+                break
+            chunk = sequence.prompt[sequence.cached:sequence.cached + budget]
+            rows.append(sequence)
+            chunks.append(chunk)
+            budget -= len(chunk)
+        return rows, chunks
+
+    def _packed(self, lane: Lane, rows: list[Sequence], chunks: list[list[int]]) -> None:
+        """One packed forward of ``lane``: every decoding row's next token and the prompt chunks."""
+        decoding = lane.decoding
+        admitted = [self.running[s] for s in rows]
+        scoring = [self._scoring(a) for a in admitted]
+        starts = [s.cached for s in rows]
+        out = lane.forward_packed(decoding, rows, chunks, keep_all=scoring)
+        if decoding:
+            self.observer.batch(len(decoding))
+            self._advance(lane, decoding, out.decode_logits, None)
+        for row, (sequence, request) in enumerate(zip(rows, admitted, strict=True)):
+            if scoring[row]:
+                self._score(request, out.chunk_all_logits[row], starts[row])
+            if not sequence.prefilling:
+                self._prefilled(request, out.chunk_logits[row], None)
+
+    @staticmethod
+    def _scoring(admitted: Admitted) -> bool:
+        """Whether ``admitted`` asked for its prompt's log-probabilities."""
+        return admitted.handle.request.echo and admitted.handle.request.logprobs is not None
+
     def _prefill_rows(self, lane: Lane, budget: int) -> tuple[list[Sequence], int]:
-        """The prompts to read next in ``lane`` and the chunk width: its sequences still reading (a contiguous run
-        of slots), as many as fit ``budget`` tokens once padded to the longest chunk."""
+        """The prompts to read next in a lane that cannot pack, and the chunk width: its sequences still reading
+        (a contiguous run of slots), as many as fit ``budget`` tokens once padded to the longest chunk."""
         rows: list[Sequence] = []
         width = 0
         for sequence in [s for s in lane.sequences if s.prefilling]:
@@ -239,17 +301,14 @@ class Scheduler:
             width = wider
         return rows, width
 
-    def _prefill(self, lane: Lane, rows: list[Sequence], width: int, *, adapt: bool) -> None:
-        """Read the next ``width`` tokens of each row's prompt in one forward; start the rows that finished."""
+    def _prefill(self, lane: Lane, rows: list[Sequence], width: int) -> None:
+        """Read the next ``width`` tokens of each row's prompt in one padded forward; start the rows that finished."""
         chunks = [s.prompt[s.cached:s.cached + width] for s in rows]
         admitted = [self.running[s] for s in rows]
-        scoring = [a.handle.request.echo and a.handle.request.logprobs is not None for a in admitted]
+        scoring = [self._scoring(a) for a in admitted]
         starts = [s.cached for s in rows]
-        started = time.perf_counter()
         out = lane.forward(rows, chunks, pad=self.pad_id, keep_all=any(scoring),
                            want_routing=any(a.handle.request.return_routing for a in admitted))
-        if adapt:
-            self._adapt_chunk(time.perf_counter() - started, len(rows) * width)
         for row, (sequence, request) in enumerate(zip(rows, admitted, strict=True)):
             if scoring[row]:
                 self._score(request, out.all_logits[row, :len(chunks[row])].float(), starts[row])
@@ -284,14 +343,6 @@ class Scheduler:
         targets = prompt[start + 1:start + 1 + logits.shape[0]]
         if targets:
             admitted.scores.extend(token_logprobs(logits[:len(targets)], targets, top))
-
-    def _adapt_chunk(self, seconds: float, tokens: int) -> None:
-        """Scale the next chunk so that it costs ``PREFILL_SHARE`` of a decode step (growing at most twofold
-        a step, shrinking at once)."""
-        if seconds <= 0 or self._decode_seconds <= 0 or tokens < self._chunk:
-            return
-        wanted = self._chunk * PREFILL_SHARE * self._decode_seconds / seconds
-        self._chunk = int(min(MAX_CHUNK, 2 * self._chunk, max(MIN_CHUNK, wanted)))
 
     # -- decode ----------------------------------------------------------------------------------------
 
