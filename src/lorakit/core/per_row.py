@@ -199,9 +199,8 @@ def _gathers_from_every_adapter(layer: LoraLayer, x: torch.Tensor, routing: PerR
     the layer's adapters change: rows joining and leaving the batch (every step, under continuous batching)
     then cost one gather, not a new stack of the batch's choices and a gather."""
     rows = x.shape[0]
-    return (x.numel() == rows * x.shape[-1] and _dense_allowed(layer)
-            and 1 < len(routing.rows_by_adapter) and len(layer.adapters) <= EVERY_ADAPTER_PER_ROW * rows
-            and not any(isinstance(choice, Combination) for choice in routing.rows_by_adapter))
+    return (x.numel() == rows * x.shape[-1] and 1 < len(routing.rows_by_adapter) and not routing.combines
+            and len(layer.adapters) <= EVERY_ADAPTER_PER_ROW * rows and _dense_allowed(layer))
 
 
 def rows_from_every_adapter(layer: LoraLayer, routing: PerRowRouting, device: torch.device
@@ -209,8 +208,8 @@ def rows_from_every_adapter(layer: LoraLayer, routing: PerRowRouting, device: to
     """Each row's factors for ``bmm``, ``A_rows`` (rows, d_in, R) and ``B_rows`` (rows, R, d_out), gathered from the
     stack of every adapter of the layer (laid out so that the gather is the only copy); both the stack and
     the rows' factors are cached (the rows' while the rows' choices are unchanged)."""
-    adapters = list(layer.adapters.values())
-    names = tuple(layer.adapters)
+    held = layer.adapters
+    adapters, names = list(held.values()), tuple(held)
     key = factors_key(adapters)
 
     def stack() -> tuple[torch.Tensor, torch.Tensor]:

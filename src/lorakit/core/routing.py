@@ -105,6 +105,11 @@ class PerRowRouting:
         return rows
 
     @cached_property
+    def combines(self) -> bool:
+        """Whether a row asks for a :class:`Combination`."""
+        return any(isinstance(choice, Combination) for choice in self.names)
+
+    @cached_property
     def adapter_names(self) -> set[str]:
         """Every adapter the rows use, combinations' members included."""
         return {member for choice in self.rows_by_adapter
