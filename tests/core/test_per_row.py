@@ -105,12 +105,16 @@ def test_rows_of_one_token_equal_their_single_runs_as_the_batch_changes():
     with lorakit.active(model, "n0", "n2", weights=[1.0, -0.5]):
         combined = logits(model, ids)
     combination = Combination((("n0", 1.0), ("n2", -0.5)))
-    for rows in (["n1", None, "n2", "n0"], ["n2", "n1", None, "n0"], [combination, "n1", None, "n2"]):
+    layer = model.model.layers[0].self_attn.q_proj
+    # the stack's slots (its choices and the zero slot): every adapter, even for rows that use two of the three;
+    # with a combination, the batch's three choices
+    for rows, slots in ((["n1", None, "n2", "n0"], 4), (["n2", "n1", None, "n1"], 4),
+                        ([combination, None, None, "n2"], 3)):
         mixed = logits(model, ids, adapter_per_row=rows)
         for row, choice in enumerate(rows):
             expected = combined if choice is combination else single[choice]
             torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-5)
-    assert "per_row_every" in model.model.layers[0].self_attn.q_proj.stacks
+        assert layer.stacks["per_row"][1][0].shape[0] == slots
 
 
 def test_packed_rows_equal_each_row_run_alone_and_reject_a_wrong_total():

@@ -2,7 +2,7 @@
 loop over adapters.
 
 For a linear-type layer with the batch's distinct adapters ``1..N`` the factors are stacked once,
-``A`` as ``(N + 1, R, d_in)`` and ``s B`` as ``(N + 1, d_out, R)`` with ``R`` the largest rank (smaller
+``A^T`` as ``(N + 1, d_in, R)`` and ``(s B)^T`` as ``(N + 1, R, d_out)`` with ``R`` the largest rank (smaller
 ranks zero-padded, which adds nothing) and slot ``N + 1`` all zeros for rows routed to ``None``. Each
 row then gathers its own slot and two batched products give every row's delta at once::
 
@@ -16,7 +16,7 @@ scatter per adapter instead. A :class:`~lorakit.core.routing.Combination` ``sum_
 more slot whose factors are its members' concatenated along the rank (``R`` is then the largest sum).
 
 Rows of one position each (decode steps) without autograd gather from a stack of *every* adapter of the
-layer while it holds few enough per row (:func:`rows_from_every_adapter`): the stack changes only when the
+layer while it holds few enough per row (:func:`_gathers_from_every_adapter`): the stack changes only when the
 layer's adapters do, so rows joining and leaving the batch (every step, under continuous batching) cost
 one gather instead of a new stack of the batch's choices.
 
@@ -56,7 +56,7 @@ def add_per_row_delta(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
     if len(routing.names) != x.shape[0]:
         raise ConfigError(f"adapter_per_row has {len(routing.names)} names for a batch of {x.shape[0]} rows")
     if _gathers_from_every_adapter(layer, x, routing):
-        A_rows, B_rows = rows_from_every_adapter(layer, routing, x.device)
+        A_rows, B_rows = row_factors(layer, list(layer.adapters), list(layer.adapters.values()), routing, x.device)
         return add_row_deltas(x, result, A_rows, B_rows)
     held, adapters = _plan(layer, routing)
     if not held:
@@ -144,15 +144,16 @@ def _by_choice(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing:
 
 def stacked_factors(layer: LoraLayer, held: list[str | Combination], adapters: list[LoraAdapter],
                     key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_stack, sB_stack)`` of the choices ``held`` plus a zero slot, cached on the layer without autograd.
+    """``(A_stack, sB_stack)`` of the choices ``held`` plus a zero slot, laid out for ``bmm`` (``(N + 1, d_in, R)``
+    and ``(N + 1, R, d_out)``, so that gathering rows is the only copy), cached on the layer without autograd.
 
     A combination's slot holds its members' factors side by side along the rank (the weights folded into
     ``B``); ``adapters`` are every member, for the cache key (``key``: already computed from them)."""
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         slots = [_slot_factors(layer, choice) for choice in held]
         rank = max(A.shape[0] for A, _ in slots)
-        stacked_A = torch.stack([F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _ in slots])  # (N, R, d_in)
-        stacked_B = torch.stack([F.pad(B, (0, rank - B.shape[1])) for _, B in slots])  # (N, d_out, R)
+        stacked_A = torch.stack([F.pad(A, (0, 0, 0, rank - A.shape[0])).T for A, _ in slots])  # (N, d_in, R)
+        stacked_B = torch.stack([F.pad(B, (0, rank - B.shape[1])).T for _, B in slots])  # (N, R, d_out)
         return F.pad(stacked_A, (0, 0, 0, 0, 0, 1)), F.pad(stacked_B, (0, 0, 0, 0, 0, 1))  # zero slot last
 
     return cached_stack(layer.stacks, "per_row", adapters, build, extra=tuple(held), key=key)
@@ -176,8 +177,7 @@ def row_factors(layer: LoraLayer, held: list[str | Combination], adapters: list[
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         slots = routing.slots(held, device)
-        return (stacked_A.index_select(0, slots).transpose(1, 2).contiguous(),
-                stacked_B.index_select(0, slots).transpose(1, 2).contiguous())
+        return stacked_A.index_select(0, slots), stacked_B.index_select(0, slots)
 
     return cached_stack(layer.stacks, "per_row_rows", adapters, build, extra=(tuple(held), routing.names), key=key)
 
@@ -195,37 +195,12 @@ most this many per row (the stack then costs at most that many rows' factors in 
 
 def _gathers_from_every_adapter(layer: LoraLayer, x: torch.Tensor, routing: PerRowRouting) -> bool:
     """Whether ``x``'s rows (one position each: decode steps; no autograd, no dropout, no combination, more than
-    one choice) gather their factors from the stack of every adapter of the layer, which is rebuilt only when
-    the layer's adapters change: rows joining and leaving the batch (every step, under continuous batching)
-    then cost one gather, not a new stack of the batch's choices and a gather."""
+    one choice) gather their factors (:func:`row_factors`) from the stack of every adapter of the layer rather
+    than of the batch's choices: that stack is rebuilt only when the layer's adapters change, so rows joining
+    and leaving the batch (every step, under continuous batching) cost one gather, not a new stack too."""
     rows = x.shape[0]
     return (x.numel() == rows * x.shape[-1] and 1 < len(routing.rows_by_adapter) and not routing.combines
             and len(layer.adapters) <= EVERY_ADAPTER_PER_ROW * rows and _dense_allowed(layer))
-
-
-def rows_from_every_adapter(layer: LoraLayer, routing: PerRowRouting, device: torch.device
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's factors for ``bmm``, ``A_rows`` (rows, d_in, R) and ``B_rows`` (rows, R, d_out), gathered from the
-    stack of every adapter of the layer (laid out so that the gather is the only copy); both the stack and
-    the rows' factors are cached (the rows' while the rows' choices are unchanged)."""
-    held = layer.adapters
-    adapters, names = list(held.values()), tuple(held)
-    key = factors_key(adapters)
-
-    def stack() -> tuple[torch.Tensor, torch.Tensor]:
-        A, sB = _side_by_side(adapters)  # (N R, d_in), (N R, d_out)
-        rank = A.shape[0] // len(names)
-        A = A.view(len(names), rank, -1).transpose(1, 2)  # (N, d_in, R)
-        sB = sB.view(len(names), rank, -1)  # (N, R, d_out)
-        return F.pad(A, (0, 0, 0, 0, 0, 1)).contiguous(), F.pad(sB, (0, 0, 0, 0, 0, 1)).contiguous()
-
-    A_all, B_all = cached_stack(layer.stacks, "per_row_every", adapters, stack, extra=names, key=key)
-
-    def gather() -> tuple[torch.Tensor, torch.Tensor]:
-        slots = routing.slots(names, device)
-        return A_all.index_select(0, slots), B_all.index_select(0, slots)
-
-    return cached_stack(layer.stacks, "per_row_every_rows", adapters, gather, extra=(names, routing.names), key=key)
 
 
 def _side_by_side(adapters: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:

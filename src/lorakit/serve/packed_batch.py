@@ -60,10 +60,6 @@ class PackedLayout:
     def decoding(self) -> int:
         return len(self.decode_starts)
 
-    @property
-    def tokens(self) -> int:
-        return self.decoding + sum(c.length for c in self.chunks)
-
     def positions(self) -> torch.Tensor:
         """``(1, T)`` absolute positions of the packed tokens (the rotary embedding's ``position_ids``)."""
         spans = [torch.tensor(self.decode_starts, dtype=torch.long)]

@@ -277,11 +277,7 @@ class Scheduler:
         if decoding:
             self.observer.batch(len(decoding))
             self._advance(lane, decoding, out.decode_logits, None)
-        for row, (sequence, request) in enumerate(zip(rows, admitted, strict=True)):
-            if scoring[row]:
-                self._score(request, out.chunk_all_logits[row], starts[row])
-            if not sequence.prefilling:
-                self._prefilled(request, out.chunk_logits[row], None)
+        self._chunks_read(rows, admitted, starts, out.chunk_all_logits, out.chunk_logits, None)
 
     @staticmethod
     def _scoring(admitted: Admitted) -> bool:
@@ -309,11 +305,21 @@ class Scheduler:
         starts = [s.cached for s in rows]
         out = lane.forward(rows, chunks, pad=self.pad_id, keep_all=any(scoring),
                            want_routing=any(a.handle.request.return_routing for a in admitted))
+        scores = [out.all_logits[row, :len(chunk)].float() if scored else None
+                  for row, (chunk, scored) in enumerate(zip(chunks, scoring, strict=True))]
+        self._chunks_read(rows, admitted, starts, scores, out.last_logits, out.routing)
+
+    def _chunks_read(self, rows: list[Sequence], admitted: list[Admitted], starts: list[int],
+                     scores: list[torch.Tensor | None], last_logits: torch.Tensor,
+                     routing: torch.Tensor | None) -> None:
+        """A forward read a prompt chunk of each of ``rows`` (from ``starts``): score the chunks where asked
+        (``scores[i]``: chunk ``i``'s logits at every position, else None), and start the rows whose prompt is
+        now read (``last_logits`` ``(P, V)`` after each chunk; ``routing`` ``(P, N)`` or None)."""
         for row, (sequence, request) in enumerate(zip(rows, admitted, strict=True)):
-            if scoring[row]:
-                self._score(request, out.all_logits[row, :len(chunks[row])].float(), starts[row])
+            if scores[row] is not None:
+                self._score(request, scores[row], starts[row])
             if not sequence.prefilling:
-                self._prefilled(request, out.last_logits[row], None if out.routing is None else out.routing[row])
+                self._prefilled(request, last_logits[row], None if routing is None else routing[row])
 
     def _prefilled(self, admitted: Admitted, logits: torch.Tensor, routing: torch.Tensor | None) -> None:
         """``admitted`` read its prompt: publish its scores, copy the prompt's cache to the other choices, and

@@ -20,9 +20,11 @@ class StepCost:
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One forward read ``tokens`` tokens (every row's, padding included) in ``seconds``."""
-        for name, value in (("_weight", 1.0), ("_tokens", tokens), ("_seconds", seconds),
-                            ("_square", tokens * tokens), ("_product", tokens * seconds)):
-            setattr(self, name, FORGET * getattr(self, name) + value)
+        self._weight = FORGET * self._weight + 1.0
+        self._tokens = FORGET * self._tokens + tokens
+        self._seconds = FORGET * self._seconds + seconds
+        self._square = FORGET * self._square + tokens * tokens
+        self._product = FORGET * self._product + tokens * seconds
 
     def fit(self) -> tuple[float, float] | None:
         """``(read, per_token)`` in seconds, or None until forwards of different sizes were seen."""
