@@ -10,6 +10,9 @@ Measured ``--repeats`` times, round-robin over the systems, under ``torch.no_gra
   batch (the cache is cut back after each step, so every step sees the same length), timed directly
   (``--steps`` pairs per repeat): the difference of two ``generate`` timings it once was is mostly noise.
 
+``lorakitfrozen`` is lorakit's mixed batch inside ``lorakit.frozen_factors()``, as the server runs it: the
+stacked factors are then not checked against every adapter parameter at every layer.
+
 The base is the plain model: a second copy of the same weights loaded without lorakit's wrappers or
 PEFT's, not a wrapped model with its adapters disabled. Each measurement of a system is paired with
 one of the base right before it, and ``*_vs_base`` is the median of the paired ratios (at least 5 for
@@ -77,8 +80,17 @@ def systems(plain, lorakit_model, peft, ids, mask, distinct_counts: tuple[int, .
         result = {"base": calls(plain, {})}
         for distinct in distinct_counts:
             result[f"lorakit_{distinct}"] = calls(lorakit_model, {"adapter_per_row": rows_for(distinct)})
+            result[f"lorakitfrozen_{distinct}"] = tuple(map(frozen, result[f"lorakit_{distinct}"]))
             result[f"peft_{distinct}"] = calls(peft, {"adapter_names": rows_for(distinct)})
     return result
+
+
+def frozen(call):
+    """``call`` inside ``lorakit.frozen_factors()``: its stacks are not checked against every parameter."""
+    def run():
+        with lorakit.frozen_factors():
+            return call()
+    return run
 
 
 def measure(calls: dict, repeats: int, steps: int) -> dict[str, dict[str, float]]:

@@ -14,6 +14,7 @@ from lorakit.core.activation import active, active_weights, disabled, mixed_batc
 from lorakit.core.inject import TargetPlan, plan
 from lorakit.core.lifecycle import adapter_names, attach, delete_adapter, trainable_parameters
 from lorakit.core.merge import merge, merge_and_unload, merged_adapters, unmerge
+from lorakit.core.stack_cache import frozen_factors
 from lorakit.errors import (
     AdapterError,
     ConfigError,
@@ -37,6 +38,6 @@ __all__ = [
     "ALL_LINEAR", "DEFAULT_MODEL", "AdapterError", "ConfigError", "DataError", "FormatError", "LoraConfig",
     "Loaded", "LorakitError", "ModelError", "StateError", "TargetError", "TargetPlan", "TrainConfig",
     "TrainingError", "active", "active_weights", "adapter_names", "attach", "combine_adapters", "delete_adapter",
-    "disabled", "load", "load_adapter", "load_model", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
-    "plan", "save_adapter", "set_active", "trainable_parameters", "unmerge",
+    "disabled", "frozen_factors", "load", "load_adapter", "load_model", "merge", "merge_and_unload", "merged_adapters",
+    "mixed_batch", "plan", "save_adapter", "set_active", "trainable_parameters", "unmerge",
 ]

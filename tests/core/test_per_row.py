@@ -7,6 +7,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.core import per_row
 from lorakit.core.activation import routed
 from lorakit.core.routing import Combination, PerRowRouting
 from lorakit.errors import ConfigError
@@ -114,13 +115,28 @@ def test_rows_of_one_token_equal_their_single_runs_as_the_batch_changes():
         for row, choice in enumerate(rows):
             expected = combined if choice is combination else single[choice]
             torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-5)
-        assert layer.stacks["per_row"][1][0].shape[0] == slots
+        stack = layer.stacks[per_row.EVERY_ADAPTER_SLOT if slots == 4 else "per_row"]
+        assert stack[2][0].shape[0] == slots
 
 
-def test_packed_rows_equal_each_row_run_alone_and_reject_a_wrong_total():
+def counted(function, calls: dict, name: str):
+    """``function``, counting its calls in ``calls[name]``."""
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("dispatch_macs", [10**12, 0], ids=["through every used adapter", "a pair per row"])
+def test_packed_rows_equal_each_row_run_alone_and_reject_a_wrong_total(monkeypatch, dispatch_macs):
     """Rows packed into one sequence (one-token rows first, then longer ones, as a server packs decode tokens
     and prompt chunks) get their own adapter's, combination's or the base's output on their positions, both
-    through every used adapter at once (no autograd) and one row at a time (autograd)."""
+    without autograd (through every used adapter at once, or one product pair per row and member: the
+    dispatch cost decides) and with it (one row at a time)."""
+    monkeypatch.setattr(per_row, "DISPATCH_MACS", dispatch_macs)
+    calls = {name: 0 for name in ("add_dense_row_deltas", "add_segment_deltas")}
+    for name in calls:
+        monkeypatch.setattr(per_row, name, counted(getattr(per_row, name), calls, name))
     model = tiny_llama()
     adapters(model)
     layer = model.model.layers[0].mlp.down_proj
@@ -130,6 +146,9 @@ def test_packed_rows_equal_each_row_run_alone_and_reject_a_wrong_total():
     for grad in (False, True):
         with torch.set_grad_enabled(grad), routed(model, PerRowRouting(choices, lengths)):
             packed = layer(x).detach()
+        if not grad:
+            assert calls == ({"add_dense_row_deltas": 1, "add_segment_deltas": 0} if dispatch_macs else
+                             {"add_dense_row_deltas": 0, "add_segment_deltas": 1})
         start = 0
         for choice, length in zip(choices, lengths, strict=True):
             with torch.no_grad(), routed(model, PerRowRouting((choice,))):

@@ -1,5 +1,6 @@
 """The stacked factors the mixture paths reuse without autograd follow every change of the factors:
-a dtype or device move, an in-place update, a replaced ``.data``."""
+a dtype or device move, an in-place update, a replaced ``.data``; inside ``frozen_factors`` they are
+reused unchecked, and checked in full again once the block is left."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def fresh_copy(model, dtype):
     return copy
 
 
+def change_in_place(model, name: str, factor: str, change) -> None:
+    """``change(p)`` on factor ``factor`` of adapter ``name`` in every layer, under ``no_grad`` as optimizers do."""
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            change(getattr(layer.adapters[name], factor))
+
+
+def assert_seen(run, model, ids, before) -> None:
+    """The next run differs from ``before`` and equals a fresh model with the same weights."""
+    after = run(model, ids)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, run(fresh_copy(model, torch.float32), ids), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_after_to_float64_a_routed_batch_equals_a_model_built_in_float64(routing):
     run, ids = ROUTINGS[routing], token_batch()
@@ -72,12 +87,8 @@ def test_an_in_place_update_after_a_forward_is_seen_by_the_next(routing):
     run, ids = ROUTINGS[routing], token_batch()
     model = with_adapters()
     before = run(model, ids)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.adapters["a"].A.add_(1)
-    after = run(model, ids)
-    assert not torch.allclose(after, before)
-    torch.testing.assert_close(after, run(fresh_copy(model, torch.float32), ids), atol=0, rtol=0)
+    change_in_place(model, "a", "A", lambda p: p.add_(1))
+    assert_seen(run, model, ids, before)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -88,9 +99,7 @@ def test_replacing_a_parameters_data_is_seen_by_the_next_forward(routing):
     for _, layer in lora_layers(model):
         B = layer.adapters["b"].B
         B.data = B.data * 3  # bypasses the version counter; the storage changes
-    after = run(model, ids)
-    assert not torch.allclose(after, before)
-    torch.testing.assert_close(after, run(fresh_copy(model, torch.float32), ids), atol=0, rtol=0)
+    assert_seen(run, model, ids, before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -110,9 +119,34 @@ def test_the_key_names_dtype_and_device():
     adapters = [layer.adapters["a"] for _, layer in lora_layers(model)]
     key = factors_key(adapters)
     assert factors_key(adapters) == key
+    with lorakit.frozen_factors():
+        assert factors_key(adapters) == (key[0], None)  # which modules, not their values
     model.to(torch.float64)
     doubled = factors_key(adapters)
     assert doubled != key
     model.to("meta")
     assert factors_key(adapters) not in (key, doubled)
     assert all(p.device.type == "meta" for a in adapters for p in a.parameters())
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_inside_frozen_factors_a_stack_is_reused_unchecked_and_checked_again_after(routing):
+    run, ids = ROUTINGS[routing], token_batch()
+    model = with_adapters()
+    before = run(model, ids)  # stacks built with the full key
+    layer = model.model.layers[0].self_attn.q_proj
+    stacks = dict(layer.stacks)
+    with lorakit.frozen_factors():
+        torch.testing.assert_close(run(model, ids), before, atol=0, rtol=0)
+        assert all(layer.stacks[slot] is entry for slot, entry in stacks.items())  # nothing rebuilt
+        change_in_place(model, "a", "A", lambda p: p.add_(1))  # breaks the promise: a stack may miss it here, ...
+    assert_seen(run, model, ids, before)  # ... and sees it once the block is left
+
+
+def test_a_stack_built_inside_frozen_factors_is_checked_in_full_after():
+    run, ids = ROUTINGS["per-row"], token_batch()
+    model = with_adapters()
+    with lorakit.frozen_factors():
+        before = run(model, ids)
+    change_in_place(model, "b", "B", lambda p: p.mul_(2))
+    assert_seen(run, model, ids, before)

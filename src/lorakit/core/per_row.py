@@ -25,7 +25,8 @@ after the other, as a server packs decode tokens and prompt chunks) take the pat
 rows of one position each, and the longer rows (prompt chunks) go through the adapters they use at once,
 each position weighted by its row's choice (:func:`add_dense_row_deltas`: ``((x A^T) * W) sB``, ``W``
 each position's weight of each adapter: 0, 1, or a combination's weights): one product pair for all of
-them, not one per row.
+them, while that wastes less arithmetic than a product pair per row would cost to dispatch; otherwise
+one pair per row (:func:`add_segment_deltas`; :func:`add_packed_row_deltas` chooses).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def add_per_row_delta(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
     if len(routing.names) != x.shape[0]:
         raise ConfigError(f"adapter_per_row has {len(routing.names)} names for a batch of {x.shape[0]} rows")
     if _gathers_from_every_adapter(layer, x, routing):
-        A_rows, B_rows = row_factors(layer, list(layer.adapters), list(layer.adapters.values()), routing, x.device)
+        A_rows, B_rows = row_factors(layer, list(layer.adapters), list(layer.adapters.values()), routing, x.device,
+                                     slot=EVERY_ADAPTER_SLOT)
         return add_row_deltas(x, result, A_rows, B_rows)
     held, adapters = _plan(layer, routing)
     if not held:
@@ -74,7 +76,7 @@ def _add_packed_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
                        routing: PerRowRouting) -> torch.Tensor:
     """Packed rows (``x`` ``(1, T, ...)``): the leading one-position rows as a mixed batch of their own (the
     paths above), then the longer rows (prompt chunks) through the adapters they use, each position weighted
-    by its row's choice (:func:`add_dense_row_deltas`; one product pair per row with autograd or dropout)."""
+    by its row's choice (:func:`add_packed_row_deltas`; one product pair per row with autograd or dropout)."""
     if x.shape[0] != 1 or sum(routing.lengths) != x.shape[1]:
         raise ConfigError(f"packed rows of {sum(routing.lengths)} positions in all need an input of shape "
                           f"(1, {sum(routing.lengths)}, ...); got {tuple(x.shape)}")
@@ -88,7 +90,7 @@ def _add_packed_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor,
         used = tuple(name for name in layer.adapters if name in longer.adapter_names)
         part, inputs = result[:, count:], x[:, count:]
         if used and _dense_allowed(layer):
-            part = add_dense_row_deltas(layer, inputs, part, longer, used)
+            part = add_packed_row_deltas(layer, inputs, part, longer, used)
         elif used:
             part = torch.cat([_segment(layer, inputs, part, choice, start, length)
                               for choice, start, length in longer.segments], dim=1)
@@ -143,12 +145,13 @@ def _by_choice(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing:
 
 
 def stacked_factors(layer: LoraLayer, held: list[str | Combination], adapters: list[LoraAdapter],
-                    key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    key: tuple | None = None, slot: str = "per_row") -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_stack, sB_stack)`` of the choices ``held`` plus a zero slot, laid out for ``bmm`` (``(N + 1, d_in, R)``
     and ``(N + 1, R, d_out)``, so that gathering rows is the only copy), cached on the layer without autograd.
 
     A combination's slot holds its members' factors side by side along the rank (the weights folded into
-    ``B``); ``adapters`` are every member, for the cache key (``key``: already computed from them)."""
+    ``B``); ``adapters`` are every member, for the cache key (``key``: already computed from them). The stack
+    of every adapter lives in a ``slot`` of its own, so that a stack of a batch's choices does not evict it."""
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         slots = [_slot_factors(layer, choice) for choice in held]
         rank = max(A.shape[0] for A, _ in slots)
@@ -156,7 +159,7 @@ def stacked_factors(layer: LoraLayer, held: list[str | Combination], adapters: l
         stacked_B = torch.stack([F.pad(B, (0, rank - B.shape[1])).T for _, B in slots])  # (N, R, d_out)
         return F.pad(stacked_A, (0, 0, 0, 0, 0, 1)), F.pad(stacked_B, (0, 0, 0, 0, 0, 1))  # zero slot last
 
-    return cached_stack(layer.stacks, "per_row", adapters, build, extra=tuple(held), key=key)
+    return cached_stack(layer.stacks, slot, adapters, build, extra=tuple(held), key=key)
 
 
 def _slot_factors(layer: LoraLayer, choice: str | Combination) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +171,13 @@ def _slot_factors(layer: LoraLayer, choice: str | Combination) -> tuple[torch.Te
 
 
 def row_factors(layer: LoraLayer, held: list[str | Combination], adapters: list[LoraAdapter],
-                routing: PerRowRouting, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                routing: PerRowRouting, device: torch.device,
+                slot: str = "per_row") -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's own factors laid out for ``bmm``: ``A_rows`` (batch, d_in, R) and ``B_rows`` (batch, R, d_out),
     gathered from the stack by the rows' slots. Without autograd they are cached with the routing in the key,
     so the decode steps of an unchanged batch gather nothing (the factors' key is read once per call)."""
     key = None if torch.is_grad_enabled() else factors_key(adapters)
-    stacked_A, stacked_B = stacked_factors(layer, held, adapters, key)
+    stacked_A, stacked_B = stacked_factors(layer, held, adapters, key, slot)
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         slots = routing.slots(held, device)
@@ -187,6 +191,9 @@ def _dense_allowed(layer: LoraLayer) -> bool:
     return not torch.is_grad_enabled() and isinstance(layer.kind, LinearKind) and not (
         layer.training and any(a.dropout > 0 for a in layer.adapters.values()))
 
+
+EVERY_ADAPTER_SLOT = "per_row_every"
+"""Where the stack of every adapter of a layer is kept (:func:`stacked_factors`)."""
 
 EVERY_ADAPTER_PER_ROW = 2
 """Rows of one position each gather their factors from a stack of every adapter of the layer while it holds at
@@ -217,6 +224,45 @@ def dense_factors(layer: LoraLayer, names: tuple[str, ...]) -> tuple[torch.Tenso
     unchanged."""
     adapters = [layer.adapters[name] for name in names]
     return cached_stack(layer.stacks, "per_row_dense", adapters, lambda: _side_by_side(adapters), extra=names)
+
+
+DISPATCH_MACS = 1_000_000
+"""About what dispatching one product pair costs, in multiply-adds (measured on this project's CPU: a few
+microseconds), to choose between products over every used adapter and one product pair per row."""
+
+
+def add_packed_row_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting,
+                          names: tuple[str, ...]) -> torch.Tensor:
+    """``result`` plus each packed row's delta without autograd, by whichever costs less: products over every used
+    adapter at once (:func:`add_dense_row_deltas`: each position pays for ``len(names)`` adapters), or one
+    product pair per row and member (:func:`add_segment_deltas`: each pair pays a dispatch). At 32 prompt
+    chunks over 32 adapters the first does 32 times the arithmetic needed (7x slower at 1,600 positions)."""
+    pairs = sum(len(_members(layer, choice)) for choice, _, _ in routing.segments if choice is not None)
+    ranks = sum(layer.adapters[name].rank for name in names)
+    width = sum(layer.base_layer.weight.shape)  # d_in + d_out
+    wasted = x.shape[:-1].numel() * ranks * width * (len(names) - 1) // len(names)
+    if wasted <= pairs * DISPATCH_MACS:
+        return add_dense_row_deltas(layer, x, result, routing, names)
+    return add_segment_deltas(layer, x, result, routing)
+
+
+def add_segment_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting) -> torch.Tensor:
+    """``result`` plus each packed row's delta, one product pair per row and member of its choice, without
+    autograd, straight from each adapter's factors (nothing stacked)::
+
+        result[positions of b] += w_i s_i (x[positions of b] A_i^T) B_i^T      # each member i of b's choice
+
+    ``x`` is packed (1, T, d_in); accumulates in place when ``result`` allows it."""
+    dtype = next(iter(layer.adapters.values())).A.dtype
+    flat_x = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, d_in)
+    in_place = result.is_contiguous() and result.dtype == dtype
+    flat = (result if in_place else result.new_zeros(result.shape, dtype=dtype)).view(flat_x.shape[0], -1)  # (T, d_out)
+    for choice, start, length in routing.segments:
+        for name, weight in _members(layer, choice) if choice is not None else ():
+            A, B, scale = layer.adapters[name].factors()
+            code = flat_x[start:start + length] @ A.T  # (length, r)
+            flat[start:start + length].addmm_(code, B.T, alpha=weight * scale)
+    return result if in_place else result + flat.view(result.shape).to(result.dtype)
 
 
 def add_dense_row_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, routing: PerRowRouting,
