@@ -238,8 +238,9 @@ def add_packed_row_deltas(layer: LoraLayer, x: torch.Tensor, result: torch.Tenso
     product pair per row and member (:func:`add_segment_deltas`: each pair pays a dispatch). At 32 prompt
     chunks over 32 adapters the first does 32 times the arithmetic needed (7x slower at 1,600 positions)."""
     pairs = sum(len(_members(layer, choice)) for choice, _, _ in routing.segments if choice is not None)
-    ranks = sum(layer.adapters[name].rank for name in names)
-    width = sum(layer.base_layer.weight.shape)  # d_in + d_out
+    adapters = [layer.adapters[name] for name in names]
+    ranks = sum(adapter.rank for adapter in adapters)
+    width = adapters[0].A.shape[1] + adapters[0].B.shape[0]  # d_in + d_out
     wasted = x.shape[:-1].numel() * ranks * width * (len(names) - 1) // len(names)
     if wasted <= pairs * DISPATCH_MACS:
         return add_dense_row_deltas(layer, x, result, routing, names)
