@@ -38,6 +38,10 @@ class LayerKind(ABC):
     def check(self, base: nn.Module, name: str) -> None:  # noqa: B027  (a hook: by default every module is fine)
         """Raise a :class:`TargetError` if module ``name`` is configured in a way this kind cannot adapt."""
 
+    def check_merge(self, base: nn.Module, name: str) -> None:  # noqa: B027  (a hook: by default merging works)
+        """Raise a :class:`StateError` if adapters cannot be folded into module ``name``'s weight (a quantized
+        base, whose ``weight`` is computed, not stored)."""
+
     @abstractmethod
     def shapes(self, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of ``A`` and ``B`` for a rank-``rank`` adapter on ``base``."""

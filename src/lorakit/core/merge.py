@@ -2,7 +2,8 @@
 
 Merging moves computation, never meaning: a layer subtracts in its forward whatever is merged but not
 asked for by the routing, so outputs are the same before and after :func:`merge` and :func:`unmerge`.
-Every merge checks finiteness first and changes nothing if any factor or result is not finite.
+Every merge checks finiteness first and changes nothing if any factor or result is not finite, nor if a
+layer's kind refuses merging (a quantized base).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
         weights = {name: standing.get(name, 1.0) for name in names}
     for name in weights:
         state.require(name)
+    for module_name, layer in lora_layers(model):
+        if any(name in layer.adapters for name in weights):
+            layer.kind.check_merge(layer.base_layer, module_name)
     layers = [layer for _, layer in lora_layers(model)]
     _check_finite(layers, weights)
     done: list[tuple[LoraLayer, str, float]] = []
