@@ -33,6 +33,22 @@ def test_forward_is_linear_on_the_dequantized_weight(config):
                        F.linear(x.to(torch.bfloat16), layer.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16)))
 
 
+def test_the_backward_gives_the_input_gradient_and_saves_nothing_full_size():
+    """dL/dx equals plain ``F.linear``'s on the dequantized weight, and the graph keeps no tensor of the weight's
+    size for the backward (QLoRA's memory saving: the weight is dequantized again there)."""
+    linear = _linear()
+    layer = NFLinear.from_linear(linear, DOUBLE)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = layer(x)
+    (out * torch.arange(20.0)).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    (F.linear(reference, layer.weight, linear.bias) * torch.arange(20.0)).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-6, rtol=1e-6)
+    assert torch.Size([20, 48]) not in saved and sum(shape.numel() for shape in saved) < 20 * 48
+
+
 def test_nothing_in_it_is_a_parameter_and_casting_the_model_keeps_the_stored_bytes():
     layer = NFLinear.from_linear(_linear(bias=False), DOUBLE)
     assert list(layer.parameters()) == [] and not isinstance(layer.weight, nn.Parameter)

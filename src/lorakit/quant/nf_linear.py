@@ -8,6 +8,10 @@ forward. Its kind (:class:`NFLinearKind`) is a linear kind, so ``lorakit.attach`
 
 The quantized parts are buffers held as raw bytes (uint8 views), so ``model.to(dtype)`` moves them
 between devices but never casts the fp32 or fp16 scales: what is stored stays bit for bit the same.
+
+In training, the forward keeps nothing full-size for the backward (:class:`DequantizingLinear`): the input's
+gradient ``dL/dx = dL/dy W`` dequantizes ``W`` again, so a layer's dequantized weight lives only while its
+forward or backward runs — QLoRA's memory saving (plain ``F.linear`` would save ``W`` until the backward).
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ from lorakit.core.kinds import LinearKind, register_kind
 from lorakit.errors import StateError
 from lorakit.quant.nf_config import NFConfig
 from lorakit.quant.quantized_tensor import OPTIONAL_PARTS, NFTensor, part_dtypes, quantize_nf
+
+
+class DequantizingLinear(torch.autograd.Function):
+    """``y = x W^T + bias`` for an :class:`NFLinear`, saving only the layer (its codes) for the backward, where
+    ``dL/dx = dL/dy W`` with ``W`` dequantized again; the weight and bias are frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NFLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.linear(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.quantized.dequantize(grad.dtype), None  # (..., out) @ (out, in)
 
 
 class NFLinear(nn.Module):
@@ -52,6 +70,12 @@ class NFLinear(nn.Module):
         return self.quantized.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return DequantizingLinear.apply(x, self)
+        return self.linear(x)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + bias`` with the weight dequantized to ``x``'s dtype, outside autograd's bookkeeping."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.quantized.dequantize(x.dtype), bias)
 
