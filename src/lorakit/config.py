@@ -23,10 +23,12 @@ INITS: Mapping[str, str] = {
     "zeros": "A = B = 0",
     "lora-ga": "LoRA-GA: A, B from the SVD of the gradient on the first training batches, the base offset",
     "eva": "EVA: A from the principal components of each layer's inputs, ranks redistributed",
+    "lq-lora": "LQ-LoRA: each base quantized to Q with W ~= Q + B A, one config per matrix under --bits",
+    "loftq": "LoftQ: each base quantized to NF4 Q with W ~= Q + B A",
 }
 """Every way an adapter can start, by the one name Python (``LoraConfig.init``) and the CLI (``--init``) use."""
-DATA_DRIVEN_INITS = frozenset({"lora-ga", "eva"})
-"""The inits that look at training data first: ``attach`` refuses them;
+DATA_DRIVEN_INITS = frozenset({"lora-ga", "eva", "lq-lora", "loftq"})
+"""The inits computed before the adapter exists (all but LoftQ look at training data): ``attach`` refuses them;
 :func:`lorakit.train.prepare.prepare_adapter` (what ``lorakit train --init`` runs) estimates, then attaches."""
 
 
@@ -83,8 +85,8 @@ class LoraConfig:
     """Per-module alpha overrides, matched like ``rank_pattern``."""
     init: str = "kaiming"
     """How the adapter starts, one of :data:`INITS`: ``"kaiming"``, ``"gaussian"`` and ``"zeros"`` leave the
-    model unchanged; ``"lora-ga"`` and ``"eva"`` are computed from data by
-    :func:`lorakit.train.prepare.prepare_adapter`."""
+    model unchanged; ``"lora-ga"``, ``"eva"``, ``"lq-lora"`` and ``"loftq"`` are computed (the first three from
+    data) by :func:`lorakit.train.prepare.prepare_adapter`."""
 
     def __post_init__(self) -> None:
         _require(_is_int(self.rank) and self.rank > 0,
@@ -140,6 +142,33 @@ def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+QUANTIZED_INIT_GRIDS = ("small", "lq-lora")
+"""The names of LQ-LoRA's candidate config grids (:data:`lorakit.init.lq_lora.CONFIG_GRIDS`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizedInitConfig:
+    """How the quantizing inits ``"lq-lora"`` and ``"loftq"`` (Guo et al., ICLR 2024; Li et al., ICLR 2024)
+    decompose each base weight as ``W ~= Q + L1 L2``."""
+
+    bits: float = 2.75
+    """LQ-LoRA's bit budget per parameter over all adapted weights (codes and both levels of scales)."""
+    fisher_batches: int = 0
+    """LQ-LoRA: training examples whose squared gradients weight the decomposition (0: unweighted)."""
+    iterations: int | None = None
+    """Most alternations per matrix (None: LQ-LoRA's 100, LoftQ's 1)."""
+    grid: str = "small"
+    """LQ-LoRA's candidate configs: small (8) or lq-lora (the paper's 288)."""
+
+    def __post_init__(self) -> None:
+        _require(_is_finite_number(self.bits) and self.bits > 0, "bits", self.bits, "a positive number is required")
+        _require(_is_int(self.fisher_batches) and self.fisher_batches >= 0, "fisher_batches", self.fisher_batches,
+                 "a non-negative integer is required")
+        _require(self.iterations is None or (_is_int(self.iterations) and self.iterations > 0), "iterations",
+                 self.iterations, "a positive integer or None is required")
+        _require(self.grid in QUANTIZED_INIT_GRIDS, "grid", self.grid, f"one of {', '.join(QUANTIZED_INIT_GRIDS)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
-"""Helpers shared by the tests: tiny models (:mod:`.tiny_models`), a tokenizer (:mod:`.chat_tokenizer`),
-example data (:mod:`.example_data`) and an interrupted training run (:mod:`.interrupt`)."""
+"""Helpers shared by the tests: tiny models (:mod:`.tiny_models`), tokenizers (:mod:`.chat_tokenizer`,
+:mod:`.bpe_tokenizer`), example data (:mod:`.example_data`) and an interrupted training run (:mod:`.interrupt`)."""
 
+from .bpe_tokenizer import BPE_SPECIALS, bpe_tokenizer
 from .chat_tokenizer import CHAT_SPECIALS, CHATML, char_tokenizer
 from .example_data import copy_examples, labelled_batch, reference
 from .interrupt import run_interrupted
@@ -18,7 +19,7 @@ from .tiny_models import (
 )
 
 __all__ = [
-    "CHATML", "CHAT_SPECIALS", "LORA", "VOCAB", "TinyConvNet", "adapted", "adapter_model", "char_tokenizer",
-    "copy_examples", "labelled_batch", "logits", "perturb", "reference", "run_interrupted", "tiny_gpt2",
-    "tiny_llama", "token_batch",
+    "BPE_SPECIALS", "CHATML", "CHAT_SPECIALS", "LORA", "VOCAB", "TinyConvNet", "adapted", "adapter_model",
+    "bpe_tokenizer", "char_tokenizer", "copy_examples", "labelled_batch", "logits", "perturb", "reference",
+    "run_interrupted", "tiny_gpt2", "tiny_llama", "token_batch",
 ]

@@ -14,6 +14,7 @@ from lorakit.cli import (
     analyze_commands,
     combine_commands,
     demo_commands,
+    export_commands,
     meteora_commands,
     method_commands,
     serve_commands,
@@ -24,7 +25,7 @@ from lorakit.cli import (
 from lorakit.errors import LorakitError
 
 GROUPS = (train_commands, adapter_commands, tasks_commands, demo_commands, xlora_commands, method_commands,
-          meteora_commands, combine_commands, analyze_commands, serve_commands)
+          meteora_commands, combine_commands, analyze_commands, serve_commands, export_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

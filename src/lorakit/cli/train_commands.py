@@ -3,6 +3,7 @@
     lorakit train --data task:reverse --out runs/r --steps 60
     lorakit train --data copy=copy.jsonl --data upper=task:caps --out runs/two
     lorakit train --resume runs/r
+    lorakit train --data task:reverse --out runs/lq --init lq-lora --bits 2.75 --fisher-batches 8
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import dataclasses
 import json
 
 from lorakit.cli.common import LORA, TRAIN, command
+from lorakit.cli.flags import ConfigFlags
 from lorakit.cli.values import named_values, split_name
-from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig
+from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig, QuantizedInitConfig
 from lorakit.errors import LorakitError
 from lorakit.jobs.finetune import finetune, finetune_adapters, resume_finetune
+
+QUANTIZED_INIT = ConfigFlags(QuantizedInitConfig, spellings={"iterations": "--quant-iterations",
+                                                             "grid": "--quant-grid"})
+"""The flags of ``--init lq-lora`` and ``--init loftq``."""
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -25,7 +31,8 @@ def _train(args: argparse.Namespace) -> None:
         raise LorakitError("lorakit train needs --data and --out (or --resume DIR)")
     elif len(args.data) == 1 and split_name(args.data[0])[0] is None:
         result = finetune(args.data[0], args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
-                          n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet)
+                          n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet,
+                          quantized_init=QUANTIZED_INIT.build(args))
     else:
         if args.init in DATA_DRIVEN_INITS or args.eval_data:
             raise LorakitError("several adapters in one batch train without a data-driven init or --eval-data")
@@ -41,7 +48,7 @@ def _lora(args: argparse.Namespace) -> LoraConfig:
 
 def register(commands) -> None:
     train = command(commands, "train", _train, "Fine-tune a LoRA adapter (or, with --full, every weight).",
-                    configs=(LORA, TRAIN))
+                    configs=(LORA, TRAIN, QUANTIZED_INIT))
     train.add_argument("--data", action="append", help="training data: a JSONL file or task:NAME; repeat as "
                                                         "NAME=DATA to train one adapter per NAME in shared batches")
     train.add_argument("--out", help="run directory: the adapter (or one directory per NAME), metrics.jsonl, "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError, TargetError
+from lorakit.errors import ConfigError, StateError, TargetError
 
 
 class LayerKind(ABC):
@@ -117,6 +117,19 @@ class Conv1DKind(LinearKind):
 
     def delta_weight(self, A, B):
         return (B @ A).T
+
+
+class QuantizedLinearKind(LinearKind):
+    """A linear layer whose weight is stored quantized (bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``,
+    lorakit's ``NFLinear``): the adapter sits beside it as on ``nn.Linear`` (QLoRA: Dettmers et al. 2023), but
+    nothing is merged into it, since folding ``s B A`` into quantized codes means dequantize, add, requantize."""
+
+    name = "QuantizedLinear"
+
+    def check_merge(self, base, name):
+        raise StateError(f"module {name!r} is a quantized {type(base).__name__}: merging an adapter into a quantized "
+                         "base needs dequantize-merge-requantize, which lorakit does not do yet; nothing was merged "
+                         "(keep the adapter separate, or merge into an unquantized copy of the model)")
 
 
 class EmbeddingKind(LayerKind):
@@ -245,5 +258,7 @@ def is_supported(module: nn.Module) -> bool:
 
 register_kind(nn.Linear, LinearKind, label="nn.Linear")
 register_kind("transformers.pytorch_utils.Conv1D", Conv1DKind, label="Conv1D (transformers)")
+register_kind("bitsandbytes.nn.modules.Linear4bit", QuantizedLinearKind, label="Linear4bit (bitsandbytes)")
+register_kind("bitsandbytes.nn.modules.Linear8bitLt", QuantizedLinearKind, label="Linear8bitLt (bitsandbytes)")
 register_kind(nn.Embedding, EmbeddingKind, label="nn.Embedding")
 register_kind(nn.Conv2d, Conv2dKind, label="nn.Conv2d")

@@ -1,1 +1,2 @@
-"""Adapter initialisations that look at data: LoRA-GA (gradients) and EVA (activations)."""
+"""Adapter initialisations computed before training: LoRA-GA (gradients), EVA (activations), LQ-LoRA and LoftQ
+(a quantized base plus a low-rank start)."""

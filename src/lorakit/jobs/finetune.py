@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lorakit.config import LoraConfig, TrainConfig
+from lorakit.config import LoraConfig, QuantizedInitConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
@@ -41,11 +41,12 @@ def _lora_from_dict(run: dict[str, Any]) -> LoraConfig:
 def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
              config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
              eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
-             resume: bool = False) -> TrainResult:
+             resume: bool = False, quantized_init: QuantizedInitConfig = QuantizedInitConfig()) -> TrainResult:
     """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
 
     ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split); ``lora.init``
-    may be a data-driven init (:func:`lorakit.train.prepare.prepare_adapter`). The run's settings go to
+    may be a data-driven init (:func:`lorakit.train.prepare.prepare_adapter`; ``quantized_init`` shapes
+    ``lq-lora`` and ``loftq``). The run's settings go to
     ``out/run.json`` so that :func:`resume_finetune` can continue it.
     """
     out = Path(out)
@@ -60,10 +61,12 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
-        prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume)
+        prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume,
+                                   quantized_init=quantized_init)
     if not resume:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
-                                       lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config)))
+                                       lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config),
+                                       quantized_init=dataclasses.asdict(quantized_init)))
     if prepared.moves_base and config.regularizer == "ba-lora" and "ba_lora_reference" not in config.options:
         # LoRA-GA moved the base: BA-LoRA compares with the model as it starts (offset base + initial adapter).
         config = dataclasses.replace(config, options={**config.options, "ba_lora_reference": "snapshot"})
@@ -113,4 +116,5 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
                                  config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True)
     return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
-                    eval_n=args["eval_n"], progress=progress, resume=True)
+                    eval_n=args["eval_n"], progress=progress, resume=True,
+                    quantized_init=QuantizedInitConfig(**args.get("quantized_init", {})))

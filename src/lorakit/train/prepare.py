@@ -13,6 +13,12 @@ With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
 
 * ``eva`` (Paischer et al. 2024): ``estimate = estimate_eva(...)``, attach with the redistributed ranks
   (``eva_config``), ``init_eva``; the run records that config, so resuming attaches the same shapes.
+
+* ``lq-lora`` (Guo et al., ICLR 2024) and ``loftq`` (Li et al., ICLR 2024): attach, then ``init_lq_lora``
+  (optionally weighted by ``estimate_fisher`` on ``QuantizedInitConfig.fisher_batches`` examples, one per
+  batch) or ``init_loftq``; every adapted base becomes an ``NFLinear`` holding ``Q`` and the adapter starts
+  at ``L1 L2``. ``Q`` goes to ``lq_lora_base.safetensors``, which a resumed run quantizes its bases from;
+  the saved adapter belongs to that quantized base.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.config import LoraConfig, TrainConfig
+from lorakit.config import LoraConfig, QuantizedInitConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.batching import Batches
 from lorakit.data.encoding import encode, pad_id
@@ -33,11 +39,14 @@ from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
 from lorakit.init.lora_ga import LoraGaInit, estimate_gradients, init_lora_ga, save_lora_ga_adapter, start_from
+from lorakit.init.lq_lora import CONFIG_GRIDS, estimate_fisher, init_loftq, init_lq_lora, quantize_bases
 from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
+from lorakit.quant.quantized_files import load_quantized, save_quantized
 from lorakit.train.components import method_options
 
 LORA_GA_FILE = "lora_ga_init.safetensors"
+QUANTIZED_BASE_FILE = "lq_lora_base.safetensors"
 ESTIMATE_BATCHES = 8
 """Training batches the data-driven inits estimate from (LoRA-GA's gradients, EVA's activations)."""
 
@@ -63,23 +72,28 @@ class LoraGaExport(TrainingComponent):
         return True
 
 
-def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig) -> list[dict]:
+def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig, *,
+                        count: int = ESTIMATE_BATCHES, batch_size: int | None = None) -> list[dict]:
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
-    batches = Batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed)
-    return [batch for _, batch in zip(range(ESTIMATE_BATCHES), batches.epoch(0), strict=False)]
+    batches = Batches(encoded, batch_size=batch_size or config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed)
+    return [batch for _, batch in zip(range(count), batches.epoch(0), strict=False)]
 
 
 def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lora: LoraConfig,
-                    config: TrainConfig, *, run_dir: Path, resume: bool) -> PreparedAdapter:
+                    config: TrainConfig, *, run_dir: Path, resume: bool,
+                    quantized_init: QuantizedInitConfig = QuantizedInitConfig()) -> PreparedAdapter:
     """Attach adapter ``"default"`` to ``model`` initialised as ``lora.init`` says (one of
-    :data:`lorakit.config.INITS`; the data-driven ones estimate from ``examples`` first)."""
+    :data:`lorakit.config.INITS`; the data-driven ones estimate from ``examples`` first; ``quantized_init``
+    shapes ``lq-lora`` and ``loftq``)."""
     if config.method == "mixlora":
         return _mixlora(model, lora, config)
     if lora.init == "eva":
         return _eva(model, tokenizer, examples, lora, config, resume)
     if lora.init == "lora-ga":
         return _lora_ga(model, tokenizer, examples, lora, config, run_dir, resume)
+    if lora.init in ("lq-lora", "loftq"):
+        return _quantizing(model, tokenizer, examples, lora, config, quantized_init, run_dir, resume)
     attach(model, lora)
     return PreparedAdapter(lora)
 
@@ -100,6 +114,27 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
         start = init_lora_ga(model, grads)
         start.save(run_dir / LORA_GA_FILE)
     return PreparedAdapter(lora, [LoraGaExport(start)], moves_base=True)
+
+
+def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedInitConfig, run_dir: Path,
+                resume: bool) -> PreparedAdapter:
+    """LQ-LoRA or LoftQ; a resumed run quantizes its bases from the saved Q (the checkpoint holds A and B)."""
+    if resume:
+        attach(model, _placeholder(lora))
+        quantize_bases(model, load_quantized(run_dir / QUANTIZED_BASE_FILE))
+        return PreparedAdapter(lora, moves_base=True)
+    fisher = None
+    if lora.init == "lq-lora" and settings.fisher_batches:
+        batches = _estimation_batches(tokenizer, examples, config, count=settings.fisher_batches, batch_size=1)
+        fisher = estimate_fisher(model, batches, targets=lora)
+    attach(model, _placeholder(lora))
+    if lora.init == "lq-lora":
+        decompositions = init_lq_lora(model, budget=settings.bits, grid=CONFIG_GRIDS[settings.grid], fisher=fisher,
+                                      max_iterations=settings.iterations or 100)
+    else:
+        decompositions = init_loftq(model, iterations=settings.iterations or 1)
+    save_quantized(run_dir / QUANTIZED_BASE_FILE, {name: d.quantized for name, d in decompositions.items()})
+    return PreparedAdapter(lora, moves_base=True)
 
 
 def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdapter:

@@ -120,18 +120,26 @@ def estimate_gradients(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
         sums[name] = grad if sums[name] is None else sums[name].add_(grad)
         weight.grad = None
 
+    with collecting_gradients(model, [base.weight for base in bases.values()], collect):
+        count = backward_each(model, batches, progress, "lora-ga gradients", "batch")
+    return _average(sums, count, bases)
+
+
+def backward_each(model: nn.Module, batches: Iterable[dict], progress: bool, desc: str, unit: str) -> int:
+    """Back-propagate each batch's mean supervised loss (skipping a batch without supervised tokens), with
+    autograd on; the number of batches that counted."""
     count = 0
-    with _collecting(model, [base.weight for base in bases.values()], collect), torch.enable_grad():
-        for batch in tqdm(batches, disable=not progress, desc="lora-ga gradients", unit="batch"):
+    with torch.enable_grad():
+        for batch in tqdm(batches, disable=not progress, desc=desc, unit=unit):
             tokens = supervised_tokens(batch)
             if tokens:
                 (summed_loss(model, batch) / tokens).backward()
                 count += 1
-    return _average(sums, count, bases)
+    return count
 
 
 @contextmanager
-def _collecting(model: nn.Module, weights: list[nn.Parameter],
+def collecting_gradients(model: nn.Module, weights: list[nn.Parameter],
                 collect: Callable[[torch.Tensor], None]) -> Iterator[None]:
     """Train mode with only ``weights`` requiring a gradient, each handed to ``collect`` as soon as it is
     accumulated; every flag, the weights' earlier ``.grad`` and the mode are restored in ``finally``."""

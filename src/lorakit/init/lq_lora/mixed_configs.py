@@ -1,0 +1,45 @@
+"""LQ-LoRA's mixed-configuration step (Guo et al., ICLR 2024, Sec. 3.2): decompose every matrix under every
+candidate config, choose one config per matrix under the bit budget, and keep those decompositions.
+
+For matrix i and config c, ``cost_ic = ||sqrt(F_i) * (W_i - L1 L2 - Q)||_F^2`` after
+:func:`~lorakit.init.lq_lora.decomposition.decompose` and ``storage_ic = bits_per_parameter(c) numel_i``;
+:func:`~lorakit.init.lq_lora.allocation.allocate` picks the configs. Only the costs are kept during the
+sweep; the chosen decompositions are computed once more (deterministically), so memory never holds more
+than one candidate per matrix. Time: ``(configs + 1) x matrices`` decompositions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lorakit.init.lq_lora.allocation import allocate
+from lorakit.init.lq_lora.decomposition import Decomposition, decompose
+from lorakit.quant.nf_config import NFConfig, bits_per_parameter
+
+
+def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig],
+                         budget: float, *, fisher: Mapping[str, torch.Tensor] | None = None,
+                         max_iterations: int = 100, progress: bool = True) -> dict[str, Decomposition]:
+    """Each weight (out, in) by name, decomposed at rank ``ranks[name]`` under the config the bit
+    allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter."""
+    names = list(weights)
+    costs = []  # (matrices, configs)
+    with tqdm(total=len(names) * len(grid), disable=not progress, desc="lq-lora configs", unit="decomposition") as bar:
+        for name in names:
+            row = []
+            for config in grid:
+                row.append(_decompose(weights, ranks, name, config, fisher, max_iterations).error ** 2)
+                bar.update()
+            costs.append(row)
+    chosen = allocate(costs, [bits_per_parameter(c) for c in grid], [weights[n].numel() for n in names], budget)
+    return {name: _decompose(weights, ranks, name, grid[index], fisher, max_iterations)
+            for name, index in zip(names, chosen, strict=True)}
+
+
+def _decompose(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], name: str, config: NFConfig,
+               fisher: Mapping[str, torch.Tensor] | None, max_iterations: int) -> Decomposition:
+    return decompose(weights[name], ranks[name], config, fisher=None if fisher is None else fisher[name],
+                     max_iterations=max_iterations)
