@@ -62,7 +62,8 @@ def test_an_unsupported_type_is_named_with_the_known_kinds():
         kind_of(Doubling(6, 5), "proj")
     message = str(info.value)
     assert "'proj' has type Doubling" in message
-    assert "supported types: nn.Linear, Conv1D (transformers), nn.Embedding, nn.Conv2d" in message
+    assert ("supported types: nn.Linear, Conv1D (transformers), nn.Embedding, nn.Conv2d, Linear4bit (bitsandbytes), "
+            "Linear8bitLt (bitsandbytes), NFLinear (lorakit.quant)") in message
 
 
 @pytest.mark.parametrize("by", ["type", "qualified name"])

@@ -12,8 +12,9 @@ import lorakit
 from lorakit.config import QuantizedInitConfig, TrainConfig
 from lorakit.init.lq_lora import LOFTQ_CONFIG, decompose, estimate_fisher, init_loftq, init_lq_lora
 from lorakit.quant import NFLinear, bits_per_parameter, quantize_model
+from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE
 from lorakit.train import train
-from lorakit.train.prepare import QUANTIZED_BASE_FILE, prepare_adapter
+from lorakit.train.prepare import prepare_adapter
 from tests.helpers import char_tokenizer, copy_examples, logits, tiny_llama, token_batch
 
 LORA = lorakit.LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj", "down_proj"))
@@ -74,10 +75,16 @@ def test_a_training_run_starts_from_the_quantized_init_and_resumes_its_base(init
     lora, examples = dataclasses.replace(LORA, init=init), copy_examples(8)
     settings = QuantizedInitConfig(bits=3.0, fisher_batches=2, iterations=3)
     model = tiny_llama()
-    prepare_adapter(model, char_tokenizer(), examples, lora, config, run_dir=tmp_path, resume=False,
-                    quantized_init=settings)
-    assert (tmp_path / QUANTIZED_BASE_FILE).is_file()
-    train(model, char_tokenizer(), examples, config, out_dir=tmp_path, overwrite=True, progress=False)
+    prepared = prepare_adapter(model, char_tokenizer(), examples, lora, config, run_dir=tmp_path, resume=False,
+                               quantized_init=settings)
+    assert (tmp_path / QUANTIZED_BASES_FILE).is_file()
+    train(model, char_tokenizer(), examples, config, components=prepared.components, out_dir=tmp_path,
+          overwrite=True, progress=False)
+    loaded = lorakit.load(tmp_path, tiny_llama())  # the run: its adapter on the quantized bases it trained on
+    assert loaded.kind == "quantized-adapter"
+    assert all(isinstance(m.base_layer, NFLinear) for m in loaded.model.modules() if hasattr(m, "base_layer"))
+    ids = token_batch()
+    torch.testing.assert_close(logits(loaded.model, ids), logits(model.eval(), ids), atol=1e-5, rtol=1e-5)
     resumed = tiny_llama()
     prepare_adapter(resumed, char_tokenizer(), examples, lora, config, run_dir=tmp_path, resume=True,
                     quantized_init=settings)

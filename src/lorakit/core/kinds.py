@@ -258,7 +258,7 @@ def is_supported(module: nn.Module) -> bool:
 
 register_kind(nn.Linear, LinearKind, label="nn.Linear")
 register_kind("transformers.pytorch_utils.Conv1D", Conv1DKind, label="Conv1D (transformers)")
-register_kind("bitsandbytes.nn.modules.Linear4bit", QuantizedLinearKind, label="Linear4bit (bitsandbytes)")
-register_kind("bitsandbytes.nn.modules.Linear8bitLt", QuantizedLinearKind, label="Linear8bitLt (bitsandbytes)")
 register_kind(nn.Embedding, EmbeddingKind, label="nn.Embedding")
 register_kind(nn.Conv2d, Conv2dKind, label="nn.Conv2d")
+register_kind("bitsandbytes.nn.modules.Linear4bit", QuantizedLinearKind, label="Linear4bit (bitsandbytes)")
+register_kind("bitsandbytes.nn.modules.Linear8bitLt", QuantizedLinearKind, label="Linear8bitLt (bitsandbytes)")

@@ -9,6 +9,7 @@ so PEFT, vLLM and LoRAX load lorakit adapters and lorakit loads theirs. Loading 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -76,23 +77,29 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     so a failed or killed save never leaves a half-written adapter over a good one. Returns the directory.
     """
     name = _resolve_name(model, name)
-    record = model_state(model).require(name)
     directory = Path(path)
-    layers = [model.get_submodule(m) for m in record.modules]
-    config = to_peft_dict(record.config, record.modules, base_model=base_model_name(model),
-                          task_type=task_type(model),
-                          fan_in_fan_out=any(isinstance(layer.kind, Conv1DKind) for layer in layers))
-    write_adapter_files(directory, adapter_tensors(model, name), config)
+    write_adapter_files(directory, adapter_tensors(model, name), peft_config(model, name))
     return directory
 
 
-def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
-                        origin: str | None = None) -> None:
-    """Write an adapter's tensors, ``adapter_config.json`` and ``lorakit.json`` (kind ``adapter``, with
-    ``origin`` if given) to ``directory``, all atomically together (see :func:`save_adapter`)."""
+def peft_config(model: nn.Module, name: str) -> dict:
+    """Adapter ``name``'s ``adapter_config.json`` object, as :func:`save_adapter` writes it."""
+    record = model_state(model).require(name)
+    layers = [model.get_submodule(m) for m in record.modules]
+    return to_peft_dict(record.config, record.modules, base_model=base_model_name(model), task_type=task_type(model),
+                        fan_in_fan_out=any(isinstance(layer.kind, Conv1DKind) for layer in layers))
+
+
+def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: dict, origin: str | None = None,
+                        *, kind: str = ADAPTER_KIND,
+                        beside: Mapping[str, Callable[[Path], None]] | None = None) -> None:
+    """Write an adapter's tensors, ``adapter_config.json``, ``lorakit.json`` (``kind``, with ``origin`` if given)
+    and the files ``beside`` it (file name -> writer) to ``directory``, all atomically together (see
+    :func:`save_adapter`)."""
     write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
                           directory / CONFIG_FILE: json_writer(config),
-                          directory / METADATA_FILE: metadata_writer(ADAPTER_KIND, origin)})
+                          directory / METADATA_FILE: metadata_writer(kind, origin),
+                          **{directory / file: write for file, write in (beside or {}).items()}})
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> tuple[LoraConfig, dict, dict[str, torch.Tensor]]:

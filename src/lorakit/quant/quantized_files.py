@@ -14,11 +14,11 @@ returns, and a :class:`FormatError` names the file, the weight and the part at f
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lorakit.errors import FormatError
-from lorakit.io.files import load_metadata, load_tensors, save_tensors
+from lorakit.io.files import load_metadata, load_tensors, tensor_writer, write_atomically
 from lorakit.quant.nf_config import NFConfig
 from lorakit.quant.quantized_tensor import NFTensor
 
@@ -29,10 +29,15 @@ _ENTRY_FIELDS = {"shape", "config"}
 
 def save_quantized(path: str | Path, tensors: Mapping[str, NFTensor]) -> None:
     """Write ``tensors`` (name -> :class:`NFTensor`) to the safetensors file ``path``, atomically."""
+    write_atomically(Path(path), quantized_writer(tensors))
+
+
+def quantized_writer(tensors: Mapping[str, NFTensor]) -> Callable[[Path], None]:
+    """A writer of ``tensors`` as :func:`save_quantized` stores them, for a group of files written together."""
     stored = {f"{name}.{part}": value for name, tensor in tensors.items() for part, value in tensor.parts().items()}
     described = {name: {"shape": list(tensor.shape), "config": tensor.config.to_json()}
                  for name, tensor in tensors.items()}
-    save_tensors(Path(path), stored, {METADATA_KEY: json.dumps({"format": FORMAT, "tensors": described})})
+    return tensor_writer(stored, {METADATA_KEY: json.dumps({"format": FORMAT, "tensors": described})})
 
 
 def _described(path: Path) -> dict:

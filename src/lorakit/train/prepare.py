@@ -17,7 +17,7 @@ With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
 * ``lq-lora`` (Guo et al., ICLR 2024) and ``loftq`` (Li et al., ICLR 2024): attach, then ``init_lq_lora``
   (optionally weighted by ``estimate_fisher`` on ``QuantizedInitConfig.fisher_batches`` examples, one per
   batch) or ``init_loftq``; every adapted base becomes an ``NFLinear`` holding ``Q`` and the adapter starts
-  at ``L1 L2``. ``Q`` goes to ``lq_lora_base.safetensors``, which a resumed run quantizes its bases from;
+  at ``L1 L2``. ``Q`` goes to ``quantized_bases.safetensors``, which a resumed run quantizes its bases from;
   the saved adapter belongs to that quantized base.
 """
 
@@ -39,14 +39,15 @@ from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
 from lorakit.init.lora_ga import LoraGaInit, estimate_gradients, init_lora_ga, save_lora_ga_adapter, start_from
-from lorakit.init.lq_lora import CONFIG_GRIDS, estimate_fisher, init_loftq, init_lq_lora, quantize_bases
+from lorakit.init.lq_lora import CONFIG_GRIDS, estimate_fisher, init_loftq, init_lq_lora
 from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
+from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE, quantize_bases, save_quantized_adapter
 from lorakit.quant.quantized_files import load_quantized, save_quantized
+from lorakit.quant.quantized_tensor import NFTensor
 from lorakit.train.components import method_options
 
 LORA_GA_FILE = "lora_ga_init.safetensors"
-QUANTIZED_BASE_FILE = "lq_lora_base.safetensors"
 ESTIMATE_BATCHES = 8
 """Training batches the data-driven inits estimate from (LoRA-GA's gradients, EVA's activations)."""
 
@@ -69,6 +70,18 @@ class LoraGaExport(TrainingComponent):
 
     def save(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> bool:
         save_lora_ga_adapter(model, out_dir, "default", self.start)
+        return True
+
+
+class QuantizedAdapterExport(TrainingComponent):
+    """Saves an LQ-LoRA or LoftQ run with the quantized bases its adapter was trained on (a ``quantized-adapter``
+    directory: :func:`lorakit.load` rebuilds that model, not the full-precision one)."""
+
+    def __init__(self, quantized: dict[str, NFTensor], init: str) -> None:
+        self.quantized, self.init = quantized, init
+
+    def save(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> bool:
+        save_quantized_adapter(model, out_dir, self.quantized, origin=f"{self.init} run")
         return True
 
 
@@ -121,8 +134,9 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
     """LQ-LoRA or LoftQ; a resumed run quantizes its bases from the saved Q (the checkpoint holds A and B)."""
     if resume:
         attach(model, _placeholder(lora))
-        quantize_bases(model, load_quantized(run_dir / QUANTIZED_BASE_FILE))
-        return PreparedAdapter(lora, moves_base=True)
+        quantized = load_quantized(run_dir / QUANTIZED_BASES_FILE)
+        quantize_bases(model, quantized)
+        return PreparedAdapter(lora, [QuantizedAdapterExport(quantized, lora.init)], moves_base=True)
     fisher = None
     if lora.init == "lq-lora" and settings.fisher_batches:
         batches = _estimation_batches(tokenizer, examples, config, count=settings.fisher_batches, batch_size=1)
@@ -133,8 +147,9 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
                                       max_iterations=settings.iterations or 100)
     else:
         decompositions = init_loftq(model, iterations=settings.iterations or 1)
-    save_quantized(run_dir / QUANTIZED_BASE_FILE, {name: d.quantized for name, d in decompositions.items()})
-    return PreparedAdapter(lora, moves_base=True)
+    quantized = {name: d.quantized for name, d in decompositions.items()}
+    save_quantized(run_dir / QUANTIZED_BASES_FILE, quantized)
+    return PreparedAdapter(lora, [QuantizedAdapterExport(quantized, lora.init)], moves_base=True)
 
 
 def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdapter:

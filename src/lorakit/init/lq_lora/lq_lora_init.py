@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.core.kinds import kind_of
 from lorakit.core.layer import LoraLayer
 from lorakit.core.state import model_state
 from lorakit.errors import StateError, TargetError
@@ -29,8 +28,7 @@ from lorakit.init.lq_lora.config_grid import SMALL_GRID
 from lorakit.init.lq_lora.decomposition import Decomposition, decompose
 from lorakit.init.lq_lora.mixed_configs import mixed_decompositions
 from lorakit.quant.nf_config import NFConfig
-from lorakit.quant.nf_linear import NFLinear
-from lorakit.quant.quantized_tensor import NFTensor
+from lorakit.quant.quantized_adapter import quantize_bases
 
 LOFTQ_CONFIG = NFConfig(bits=4, block_size=64)
 """LoftQ's quantizer: NF4 in blocks of 64, fp32 absmax scales."""
@@ -84,13 +82,3 @@ def start_from(model: nn.Module, decompositions: Mapping[str, Decomposition], na
             adapter = model.get_submodule(module_name).adapters[name]
             adapter.B.copy_(decomposition.L1 / adapter.scale)
             adapter.A.copy_(decomposition.L2)
-
-
-def quantize_bases(model: nn.Module, quantized: Mapping[str, NFTensor]) -> None:
-    """Replace each named layer's ``nn.Linear`` base by an :class:`NFLinear` holding ``quantized[name]``
-    (its bias kept, on the base's device): what a resumed run rebuilds from the saved ``Q``."""
-    for module_name, weight in quantized.items():
-        layer = model.get_submodule(module_name)
-        base = layer.base_layer
-        layer.base_layer = NFLinear(weight, base.bias).to(base.weight.device).train(base.training)
-        layer.kind = kind_of(layer.base_layer, module_name)
