@@ -27,6 +27,7 @@ from lorakit.init.lora_ga import (
 from lorakit.init.lora_ga.svd_factors import lora_ga_factors
 from lorakit.io.files import save_tensors
 from lorakit.models.supervised_loss import summed_loss, supervised_tokens
+from lorakit.quant import NFConfig, quantize_model
 from tests.helpers import char_tokenizer, logits, tiny_gpt2, tiny_llama, token_batch
 
 ATTENTION = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
@@ -287,6 +288,19 @@ def test_restore_base_gives_back_the_original_weights(llama_grads):
     restore_base(model, init)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)
+
+
+def test_the_offset_is_refused_on_a_quantized_base_before_any_weight_moves(llama_grads):
+    """A quantized base computes its weight on every read, so writing the offset into it would silently do
+    nothing; it is refused, and no other base is offset either."""
+    model = lorakit.attach(tiny_llama(), ATTENTION)
+    init = init_lora_ga(model, llama_grads)
+    lorakit.delete_adapter(model, "default")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    quantize_model(model, NFConfig(), targets=("model.layers.1.self_attn.v_proj",))
+    with pytest.raises(lorakit.StateError, match="quantized NFLinear"):
+        restore_base(model, init)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_lora_ga_init_save_load_round_trip(llama_grads, tmp_path):

@@ -74,9 +74,12 @@ def _base_of(model: nn.Module, module_name: str) -> nn.Module:
 
 @torch.no_grad()
 def _shift_base(model: nn.Module, init: LoraGaInit, sign: float) -> None:
-    """``W <- W + sign * s B0 A0`` for every module of ``init``, computed in fp32 in the base's layout."""
-    for module_name in init.modules:
-        base = _base_of(model, module_name)
+    """``W <- W + sign * s B0 A0`` for every module of ``init``, computed in fp32 in the base's layout; a base whose
+    kind refuses merging (a quantized one, whose ``weight`` is computed) is refused before any weight moves."""
+    bases = {module_name: _base_of(model, module_name) for module_name in init.modules}
+    for module_name, base in bases.items():
+        kind_of(base, module_name).check_merge(base, module_name)
+    for module_name, base in bases.items():
         weight = base.weight
         A0, B0 = init.A[module_name].to(weight.device), init.B[module_name].to(weight.device)
         delta = kind_of(base, module_name).delta_weight(A0, B0) * (sign * init.scale[module_name])
