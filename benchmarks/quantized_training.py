@@ -1,15 +1,18 @@
 """LoRA training on an NF4-quantized base (``lorakit.quant``) against the fp32 base, same run.
 
 Default model (SmolLM2-135M-Instruct, CPU), LoRA r = 16, alpha = 32 on every linear of the decoder blocks,
-AdamW on the adapter, batches of ``--batch`` x ``--tokens`` random tokens. The quantized run turns every
+AdamW on the adapter, batches of ``--batch`` x ``--tokens`` random tokens. The quantized runs turn every
 decoder linear into an ``NFLinear`` (NF4, block 64, scales double-quantized to 8 bits in blocks of 256)
-before attaching the adapter. Each system runs in its own subprocess and reports:
+before attaching the adapter; ``nf4-adamw8bit`` also trains with bitsandbytes' 8-bit AdamW. Each system runs
+in its own subprocess and reports:
 
 * ``linear_weight_bytes``: what the decoder blocks' linear weights occupy (fp32 parameters, or the codes
   and scales an ``NFLinear`` stores);
 * ``saved_for_backward_bytes``: the bytes autograd keeps for the backward during one training forward,
   beyond the model's own parameters and buffers (counted by ``torch.autograd.graph.saved_tensors_hooks``;
   exact and repeatable, unlike process memory): a dequantized weight kept for the backward would show here;
+* ``optimizer_state_bytes``: the optimizer's per-parameter state (AdamW: two fp32 moments; 8-bit AdamW: codes,
+  scales and maps);
 * ``seconds_per_step`` (median of ``--steps`` after 2 warm-up steps) and ``peak_rss_mib`` (the process's
   high-water mark: the quantized run loads the fp32 model before quantizing it, so its peak includes that
   load, and memory freed by quantization stays in the process for reuse).
@@ -32,13 +35,16 @@ import torch
 import lorakit
 from common import emit
 
+SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit")
+
 
 def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
     """One system's weight bytes, saved-for-backward bytes, seconds per step and peak RSS."""
+    from lorakit.optim.adamw_8bit import adamw_8bit, optimizer_state_bytes
     from lorakit.quant import NFConfig, NFLinear, quantize_model
     torch.manual_seed(0)
     model, _ = lorakit.load_model()
-    if system == "nf4":
+    if system.startswith("nf4"):
         quantize_model(model, NFConfig(bits=4, block_size=64, scale_bits=8, scale_block_size=256))
     blocks = [m for name, m in model.named_modules() if ".layers." in name]
     weight_bytes = sum(sum(b.numel() * b.element_size() for b in m.buffers()) if isinstance(m, NFLinear)
@@ -46,7 +52,9 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
                        for m in blocks if isinstance(m, (NFLinear, torch.nn.Linear)))
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear"))
     model.train()
-    optimizer = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-4)
+    parameters = list(lorakit.trainable_parameters(model).values())
+    optimizer = (adamw_8bit(parameters, lr=1e-4, weight_decay=0.0) if system.endswith("adamw8bit")
+                 else torch.optim.AdamW(parameters, lr=1e-4))
     ids = torch.randint(100, 20000, (batch, tokens), generator=torch.Generator().manual_seed(1))
 
     def step() -> None:
@@ -75,6 +83,7 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
         step()
         seconds.append(time.perf_counter() - started)
     return {"system": system, "linear_weight_bytes": weight_bytes, "saved_for_backward_bytes": sum(saved),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": statistics.median(seconds),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -84,22 +93,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--system", choices=["fp32", "nf4"], help=argparse.SUPPRESS)  # one subprocess's run
+    parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one subprocess's run
     args = parser.parse_args()
     if args.system:
         print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens)))
         return
     results = {}
-    for system in ("fp32", "nf4"):
+    for system in SYSTEMS:
         out = subprocess.run([sys.executable, __file__, "--system", system, "--steps", str(args.steps),
                               "--batch", str(args.batch), "--tokens", str(args.tokens)],
                              check=True, capture_output=True, text=True).stdout
         results[system] = json.loads(out.strip().splitlines()[-1])
         emit({"measurement": "training", **results[system]})
-    fp32, nf4 = results["fp32"], results["nf4"]
+    fp32 = results["fp32"]
     emit({"measurement": "summary", "batch": args.batch, "tokens": args.tokens, "steps": args.steps,
-          **{f"nf4_vs_fp32_{key}": nf4[key] / fp32[key] for key in
-             ("linear_weight_bytes", "saved_for_backward_bytes", "seconds_per_step", "peak_rss_mib")}})
+          **{f"{system}_vs_fp32_{key}": results[system][key] / fp32[key] for system in SYSTEMS[1:] for key in
+             ("linear_weight_bytes", "saved_for_backward_bytes", "optimizer_state_bytes", "seconds_per_step",
+              "peak_rss_mib")}})
 
 
 if __name__ == "__main__":

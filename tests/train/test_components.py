@@ -38,7 +38,8 @@ def attached(seed: int = 0):
 
 
 def test_unknown_names_and_options_are_refused_with_the_known_ones():
-    with pytest.raises(lorakit.ConfigError, match="optimizer='sgd' is invalid: one of adamw, lora-pro, allora"):
+    with pytest.raises(lorakit.ConfigError,
+                       match="optimizer='sgd' is invalid: one of adamw, adamw8bit, lora-pro, allora"):
         check_components(TrainConfig(optimizer="sgd"))
     with pytest.raises(lorakit.ConfigError, match="method='adalora' is invalid"):
         check_components(TrainConfig(method="adalora"))
@@ -67,7 +68,7 @@ def test_the_registries_build_what_they_name():
     assert components_for(TrainConfig()) == []  # AdamW: the trainer's default
     [regularizer] = loop_hooks(TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
     assert isinstance(regularizer, BaLoraRegularizer) and regularizer.weights.top_k == 5
-    assert set(OPTIMIZERS) == {"adamw", "lora-pro", "allora"}
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "lora-pro", "allora"}
     assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora"}
     assert set(REGULARIZERS) == {"ba-lora"}
 
@@ -125,7 +126,7 @@ def test_the_ba_lora_term_uses_the_original_model_and_is_added_to_the_loss():
     torch.testing.assert_close(separate.losses(batch, outputs)["ba_lora"], expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("changes", [{"optimizer": "lora-pro"}, {"optimizer": "allora"},
+@pytest.mark.parametrize("changes", [{"optimizer": "lora-pro"}, {"optimizer": "allora"}, {"optimizer": "adamw8bit"},
                                      {"regularizer": "ba-lora"}, {"method": "codyra"}, {"method": "dylora"}])
 def test_every_component_resumes_exactly(tmp_path, monkeypatch, changes):
     tokenizer, examples = char_tokenizer(), copy_examples(24)

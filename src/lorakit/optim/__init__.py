@@ -1,1 +1,2 @@
-"""Optimizers for LoRA factors: LoRA-Pro (full-gradient matching) and ALLoRA (norm-adaptive rates)."""
+"""Optimizers for LoRA factors: LoRA-Pro (full-gradient matching), ALLoRA (norm-adaptive rates) and bitsandbytes'
+8-bit AdamW (smaller optimizer states)."""

@@ -44,10 +44,15 @@ class Resumption:
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state as tensors and JSON scalars; an entry that is itself a dict (bitsandbytes keeps its
+    quantization state so) is stored one level down, as ``key/inner``."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
-        for key, value in entries.items():
+        flat = {f"{key}/{inner}": v for key, value in entries.items() if isinstance(value, dict)
+                for inner, v in value.items()}
+        flat.update({key: value for key, value in entries.items() if not isinstance(value, dict)})
+        for key, value in flat.items():
             if torch.is_tensor(value):
                 tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
@@ -57,12 +62,21 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+
+    def put(index: str, name: str, value: Any) -> None:
+        entries = state.setdefault(int(index), {})
+        outer, nested, inner = name.partition("/")
+        if nested:
+            entries.setdefault(outer, {})[inner] = value
+        else:
+            entries[name] = value
+
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        put(index, name, value)
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        put(index, name, value)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 

@@ -21,6 +21,7 @@ from lorakit.methods.codyra import CodyraSchedule
 from lorakit.methods.component import TrainingComponent
 from lorakit.methods.dylora import DyLoraSampler
 from lorakit.mixtures.mixlora.training import MixLoraTraining
+from lorakit.optim.adamw_8bit import adamw_8bit
 from lorakit.optim.allora import Allora
 from lorakit.optim.factor_pairs import lora_factors
 from lorakit.optim.lora_pro import LoraPro
@@ -56,6 +57,11 @@ def adamw(model: nn.Module, parameters: list[nn.Parameter], config: TrainConfig)
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _adamw_8bit(config: TrainConfig, options: Options) -> TrainingComponent:
+    return OptimizerChoice(lambda model, parameters, cfg: adamw_8bit(parameters, lr=cfg.lr,
+                                                                     weight_decay=cfg.weight_decay))
+
+
 def _lora_pro(config: TrainConfig, options: Options) -> TrainingComponent:
     return OptimizerChoice(lambda model, parameters, cfg: LoraPro(
         lora_factors(model), lr=cfg.lr, weight_decay=cfg.weight_decay, delta=options["lora_pro_delta"]))
@@ -88,6 +94,7 @@ def _ba_lora(config: TrainConfig, options: Options) -> TrainingComponent:
 
 OPTIMIZERS: dict[str, Registered] = {
     "adamw": Registered(None, {}, "AdamW on the trainable parameters (the trainer's default)"),
+    "adamw8bit": Registered(_adamw_8bit, {}, "bitsandbytes' 8-bit AdamW: both moments in blockwise 8-bit codes"),
     "lora-pro": Registered(_lora_pro, {"lora_pro_delta": 1e-8},
                            "LoRA-Pro: Adam on the full-space equivalent gradient, mapped back to (A, B)"),
     "allora": Registered(_allora, {"allora_eta": 1.0, "allora_scale": "update"},
