@@ -1,6 +1,7 @@
 """LoRA on bitsandbytes' quantized linears (QLoRA's set-up), on the CPU: the adapter adds ``s B A x`` beside a
-``Linear4bit`` (NF4, FP4, double quantization) or ``Linear8bitLt``, trains with the base frozen and refuses to
-merge (folding it into the codes would silently corrupt them)."""
+``Linear4bit`` (NF4, FP4, double quantization) or ``Linear8bitLt``, trains with the base frozen, refuses to
+merge (folding it into the codes would silently corrupt them), and its PEFT-format files give the same logits
+as PEFT's own bitsandbytes layers on the same quantized model, both ways."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.helpers import logits, perturb, tiny_llama, token_batch
 from tests.quant.training import adapter_losses
 
 bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
 
 FOUR_BIT = {"nf4": dict(quant_type="nf4"), "fp4": dict(quant_type="fp4"),
             "nf4-double": dict(quant_type="nf4", compress_statistics=True)}
@@ -45,7 +47,7 @@ def bnb_llama(bits: str) -> nn.Module:
         if ".layers." in name and isinstance(module, nn.Linear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantized(module, bits))
-    return model
+    return model.eval()  # the new layers too: bitsandbytes computes 4-bit layers differently in eval mode
 
 
 @pytest.mark.parametrize("bits", [*FOUR_BIT, "int8"])
@@ -70,3 +72,24 @@ def test_an_adapter_adds_its_delta_beside_the_quantized_layer_trains_and_refuses
     with pytest.raises(StateError, match="dequantize-merge-requantize"):
         lorakit.merge(model)
     torch.testing.assert_close(logits(model, ids), before, atol=0, rtol=0)
+
+
+def test_peft_and_lorakit_give_the_same_logits_on_the_same_4_bit_model_with_each_others_adapters(tmp_path):
+    ids = token_batch()
+    ours = bnb_llama("nf4")
+    lorakit.attach(ours, LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
+    perturb(ours, "default", seed=1)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    flagged = bnb_llama("nf4")
+    flagged.is_loaded_in_4bit = True  # as transformers flags a BitsAndBytesConfig model: PEFT's bnb layers
+    theirs = peft.PeftModel.from_pretrained(flagged, tmp_path / "ours").eval()
+    assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=1e-5, rtol=1e-5)
+
+    trained = peft.get_peft_model(bnb_llama("nf4"), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                     target_modules=["k_proj", "up_proj"]))
+    trained.save_pretrained(tmp_path / "theirs")
+    loaded = bnb_llama("nf4")
+    lorakit.load_adapter(loaded, tmp_path / "theirs", "theirs")
+    torch.testing.assert_close(logits(loaded, ids), logits(trained.eval(), ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(loaded, ids), logits(bnb_llama("nf4"), ids))
