@@ -39,3 +39,15 @@ def test_export_writes_the_lora_file_and_refuses_a_quantization_for_it(base_and_
     assert gguf.GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
     assert main([*command, "--force", "--quant", "q4_0"]) == 2
     assert "--quant applies to --format gguf" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_on_quantized_bases_is_refused_by_both_formats(base_and_adapter, tmp_path, capsys):
+    from lorakit.quant.quantized_adapter import save_quantized_adapter
+    from tests.quant.test_quantized_adapter import trained_on_quantized_bases
+    base, _ = base_and_adapter
+    model, quantized = trained_on_quantized_bases()
+    directory = save_quantized_adapter(model, tmp_path / "quantized", quantized)
+    for form, reason in (("gguf", "dequantize-merge-requantize"), ("gguf-lora", "trained on quantized bases")):
+        out = tmp_path / f"{form}.gguf"
+        assert main(["export", "--format", form, "--out", str(out), "--base", str(base), str(directory)]) == 2
+        assert reason in capsys.readouterr().err and not out.exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.core.merge import merge_and_unload
+from lorakit.errors import ConfigError
 from lorakit.io.directory_kinds import Loaded
 from lorakit.io.gguf_export import export_gguf
 from lorakit.io.gguf_file import refuse_existing
@@ -19,6 +20,7 @@ from lorakit.io.gguf_vocab import DEFAULT_PRE_TOKENIZER
 from lorakit.jobs.evaluate import load_directory
 from lorakit.jobs.merge_model import refuse_unmergeable
 from lorakit.models import smollm2
+from lorakit.quant.quantized_adapter import QUANTIZED_ADAPTER_KIND
 
 COMMAND = "lorakit export"
 
@@ -39,6 +41,9 @@ def export_lora_gguf(adapter: str | Path, out: str | Path, *, base: str | None =
     (:func:`lorakit.io.gguf_lora.export_gguf_lora`), after checking that it loads into ``base`` (None: the
     base it records), whose hyper-parameters the file's layout depends on."""
     loaded, _ = _load(adapter, out, base, force)
+    if loaded.kind == QUANTIZED_ADAPTER_KIND:
+        raise ConfigError(f"{adapter} is an adapter trained on quantized bases (LQ-LoRA / LoftQ): alone, a LoRA file "
+                          "would be applied to the full-precision base, which is not the model it was trained on")
     return export_gguf_lora(adapter, out, config=loaded.base.config, force=force)
 
 
