@@ -1,21 +1,21 @@
 """LoRA training on an NF4-quantized base (``lorakit.quant``) against the fp32 base, same run.
 
 Default model (SmolLM2-135M-Instruct, CPU), LoRA r = 16, alpha = 32 on every linear of the decoder blocks,
-AdamW on the adapter, batches of ``--batch`` x ``--tokens`` random tokens. The quantized runs turn every
-decoder linear into an ``NFLinear`` (NF4, block 64, scales double-quantized to 8 bits in blocks of 256)
-before attaching the adapter; ``nf4-adamw8bit`` also trains with bitsandbytes' 8-bit AdamW. Each system runs
-in its own subprocess and reports:
+AdamW on the adapter, batches of ``--batch`` x ``--tokens`` random tokens. The quantized runs load the base as
+``lorakit train --quantize`` does (quantized as it loads, never holding the fp32 model): ``nf4`` turns every
+decoder linear into an ``NFLinear`` (NF4, block 64, scales double-quantized to 8 bits in blocks of 256, read from
+the cache), ``int8`` into bitsandbytes' ``Linear8bitLt``; ``nf4-adamw8bit`` also trains with bitsandbytes' 8-bit
+AdamW. Each system runs in its own subprocess and reports:
 
 * ``linear_weight_bytes``: what the decoder blocks' linear weights occupy (fp32 parameters, or the codes
-  and scales an ``NFLinear`` stores);
+  and scales a quantized layer stores);
 * ``saved_for_backward_bytes``: the bytes autograd keeps for the backward during one training forward,
   beyond the model's own parameters and buffers (counted by ``torch.autograd.graph.saved_tensors_hooks``;
   exact and repeatable, unlike process memory): a dequantized weight kept for the backward would show here;
 * ``optimizer_state_bytes``: the optimizer's per-parameter state (AdamW: two fp32 moments; 8-bit AdamW: codes,
   scales and maps);
 * ``seconds_per_step`` (median of ``--steps`` after 2 warm-up steps) and ``peak_rss_mib`` (the process's
-  high-water mark: the quantized run loads the fp32 model before quantizing it, so its peak includes that
-  load, and memory freed by quantization stays in the process for reuse).
+  high-water mark, loading included).
 
     .venv/bin/python benchmarks/quantized_training.py [--steps 5] [--batch 8] [--tokens 128]
 """
@@ -35,21 +35,19 @@ import torch
 import lorakit
 from common import emit
 
-SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit")
+SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit", "int8")
 
 
 def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
     """One system's weight bytes, saved-for-backward bytes, seconds per step and peak RSS."""
     from lorakit.optim.adamw_8bit import adamw_8bit, optimizer_state_bytes
-    from lorakit.quant import NFConfig, NFLinear, quantize_model
+    from lorakit.quant.quantized_loading import load_base
     torch.manual_seed(0)
-    model, _ = lorakit.load_model()
-    if system.startswith("nf4"):
-        quantize_model(model, NFConfig(bits=4, block_size=64, scale_bits=8, scale_block_size=256))
-    blocks = [m for name, m in model.named_modules() if ".layers." in name]
-    weight_bytes = sum(sum(b.numel() * b.element_size() for b in m.buffers()) if isinstance(m, NFLinear)
-                       else m.weight.numel() * m.weight.element_size()
-                       for m in blocks if isinstance(m, (NFLinear, torch.nn.Linear)))
+    model, _ = load_base("smollm2-135m", None if system == "fp32" else system.split("-")[0])
+    blocks = [m for name, m in model.named_modules() if ".layers." in name and not list(m.children())
+              and ("Linear" in type(m).__name__)]
+    weight_bytes = sum(t.numel() * t.element_size() for m in blocks for name, t in
+                       [*m.named_parameters(), *m.named_buffers()] if name != "bias")
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear"))
     model.train()
     parameters = list(lorakit.trainable_parameters(model).values())
@@ -98,6 +96,8 @@ def main() -> None:
     if args.system:
         print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens)))
         return
+    from lorakit.quant.quantized_loading import load_base
+    load_base("smollm2-135m", "nf4")  # the cached NF4 base, so that no measured run pays for quantizing
     results = {}
     for system in SYSTEMS:
         out = subprocess.run([sys.executable, __file__, "--system", system, "--steps", str(args.steps),

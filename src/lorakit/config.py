@@ -28,6 +28,8 @@ INITS: Mapping[str, str] = {
 }
 """Every way an adapter can start, by the one name Python (``LoraConfig.init``) and the CLI (``--init``) use."""
 DATA_DRIVEN_INITS = frozenset({"lora-ga", "eva", "lq-lora", "loftq"})
+QUANTIZING_INITS = frozenset({"lq-lora", "loftq"})
+"""The inits that quantize the base themselves (so ``--quantize`` does not apply)."""
 """The inits computed before the adapter exists (all but LoftQ look at training data): ``attach`` refuses them;
 :func:`lorakit.train.prepare.prepare_adapter` (what ``lorakit train --init`` runs) estimates, then attaches."""
 

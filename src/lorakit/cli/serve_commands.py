@@ -16,8 +16,10 @@ from pathlib import Path
 from lorakit.cli.common import command
 from lorakit.cli.values import named_values, optional
 from lorakit.errors import ConfigError
+from lorakit.quant.base_schemes import SCHEMES
 from lorakit.serve.cards import RegistrationError
 from lorakit.serve.engine import Engine
+from lorakit.serve.residency import recorded_quantization
 from lorakit.serve.server import check_exposure, serve
 from lorakit.serve.server_metrics import ServerMetrics
 
@@ -30,7 +32,8 @@ def _serve(args: argparse.Namespace) -> None:
     adapters = named_values(args.adapter, "--adapter")
     adapter_root = _adapter_root(args.adapter_root, args.allow_runtime_loading)
     metrics = ServerMetrics()
-    engine = Engine.open(args.base, max_batch=args.max_batch, max_queue=args.max_queue,
+    engine = Engine.open(args.base, quantize=_base_quantization(adapters), max_batch=args.max_batch,
+                         max_queue=args.max_queue,
                          max_resident_adapters=args.max_resident_adapters, request_timeout=args.request_timeout,
                          observer=metrics.observer)
     for name, path in adapters.items():
@@ -40,6 +43,21 @@ def _serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--adapter {name}={path}: {error}") from None
     serve(engine, host=args.host, port=args.port, api_key=api_key, allow_runtime_loading=args.allow_runtime_loading,
           adapter_root=adapter_root, insecure_public=args.insecure_public, metrics=metrics)
+
+
+def _base_quantization(adapters: dict[str, str]) -> str | None:
+    """The quantization the startup adapters record, which the base is loaded with; they must agree."""
+    recorded = {name: recorded_quantization(Path(path)) for name, path in adapters.items()}
+    schemes = set(recorded.values())
+    if len(schemes) > 1:
+        found = ", ".join(f"{name}: {scheme or 'full precision'}" for name, scheme in recorded.items())
+        raise ConfigError(f"the --adapter directories were trained on differently quantized bases ({found}); one "
+                          "server serves one base: start one server per base")
+    scheme = next(iter(schemes), None)
+    if scheme is not None and scheme not in SCHEMES:
+        raise ConfigError(f"the --adapter directories were trained on a {scheme} base, which lorakit cannot "
+                          f"rebuild (it quantizes bases as {', '.join(SCHEMES)})")
+    return scheme
 
 
 def _adapter_root(root: str | None, allow_runtime_loading: bool) -> Path | None:

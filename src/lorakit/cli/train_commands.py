@@ -4,6 +4,7 @@
     lorakit train --data copy=copy.jsonl --data upper=task:caps --out runs/two
     lorakit train --resume runs/r
     lorakit train --data task:reverse --out runs/lq --init lq-lora --bits 2.75 --fisher-batches 8
+    lorakit train --data task:reverse --out runs/q --quantize nf4
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lorakit.cli.values import named_values, split_name
 from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig, QuantizedInitConfig
 from lorakit.errors import LorakitError
 from lorakit.jobs.finetune import finetune, finetune_adapters, resume_finetune
+from lorakit.quant.base_schemes import SCHEMES
 
 QUANTIZED_INIT = ConfigFlags(QuantizedInitConfig, spellings={"iterations": "--quant-iterations",
                                                              "grid": "--quant-grid"})
@@ -32,13 +34,14 @@ def _train(args: argparse.Namespace) -> None:
     elif len(args.data) == 1 and split_name(args.data[0])[0] is None:
         result = finetune(args.data[0], args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
                           n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=not args.quiet,
-                          quantized_init=QUANTIZED_INIT.build(args))
+                          quantized_init=QUANTIZED_INIT.build(args), quantize=args.quantize)
     else:
         if args.init in DATA_DRIVEN_INITS or args.eval_data:
             raise LorakitError("several adapters in one batch train without a data-driven init or --eval-data")
         datasets = named_values(args.data, "--data", "DATA (to train several adapters, name every --data)")
         result = finetune_adapters(datasets, args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
-                                   n=args.n, overwrite=args.overwrite, progress=not args.quiet)
+                                   n=args.n, overwrite=args.overwrite, progress=not args.quiet,
+                                   quantize=args.quantize)
     print(json.dumps(result.summary()))
 
 
@@ -59,6 +62,9 @@ def register(commands) -> None:
                        help="continue the run in DIR from its newest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quantize", default=None, choices=list(SCHEMES), metavar="SCHEME",
+                       help="quantize the frozen base as it loads and train on it (QLoRA); the adapter records it: "
+                            + "; ".join(f"{name}: {scheme.summary}" for name, scheme in SCHEMES.items()))
     train.add_argument("--init", default=LoraConfig().init, choices=list(INITS), metavar="INIT",
                        help="how the adapter starts (LoraConfig.init): "
                             + "; ".join(f"{name}: {summary}" for name, summary in INITS.items())

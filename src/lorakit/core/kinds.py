@@ -126,6 +126,18 @@ class QuantizedLinearKind(LinearKind):
 
     name = "QuantizedLinear"
 
+    @staticmethod
+    def scheme(base: nn.Module) -> str:
+        """The name of ``base``'s quantization, recorded with adapters trained on it: the layer's own
+        ``quantization_scheme`` (lorakit's ``NFLinear``: ``"nf4"``, ...), else bitsandbytes' (``"int8"``,
+        ``"bnb-nf4"``, ``"bnb-fp4"``)."""
+        own = getattr(base, "quantization_scheme", None)
+        if own is not None:
+            return own
+        if type(base).__name__ == "Linear8bitLt":
+            return "int8"
+        return f"bnb-{getattr(base.weight, 'quant_type', 'unknown')}"
+
     def check_merge(self, base, name):
         raise StateError(f"module {name!r} is a quantized {type(base).__name__}: merging an adapter into a quantized "
                          "base needs dequantize-merge-requantize, which lorakit does not do yet; nothing was merged "

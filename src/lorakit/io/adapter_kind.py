@@ -1,6 +1,8 @@
 """The ``adapter`` kind: a LoRA adapter in the PEFT format (lorakit's, a LoRA-GA or DyLoRA export, or PEFT's).
 
-Without ``lorakit.json`` a directory is an adapter when its ``adapter_config.json`` has a ``peft_type``
+An adapter whose ``lorakit.json`` records a ``base_quantization`` loads, with no model given, onto its base
+quantized that way (:mod:`lorakit.io.base_quantization`). Without ``lorakit.json`` a directory is an adapter
+when its ``adapter_config.json`` has a ``peft_type``
 (a foreign PEFT adapter, or one lorakit 0.1 wrote); a type other than ``LORA`` is refused when loading.
 """
 
@@ -12,8 +14,10 @@ from typing import Any
 from torch import nn
 
 from lorakit.io.adapters import ADAPTER_KIND, CONFIG_FILE, KEY_PREFIX, load_adapter, read_adapter
+from lorakit.io.base_quantization import adapter_quantization, check_quantization
 from lorakit.io.directory_kinds import DirectoryKind, Loaded, has_field, register_kind
 from lorakit.io.files import load_json
+from lorakit.io.metadata import read_metadata
 from lorakit.io.recorded_base import base_for
 
 DEFAULT_NAME = "default"
@@ -21,8 +25,11 @@ DEFAULT_NAME = "default"
 
 def _load(directory: Path, model: nn.Module | None) -> Loaded:
     recorded = load_json(directory / CONFIG_FILE).get("base_model_name_or_path")
-    base, tokenizer = base_for(model, recorded, directory / CONFIG_FILE)
+    metadata = read_metadata(directory)
+    quantization = metadata.base_quantization if metadata else None
+    base, tokenizer = base_for(model, recorded, directory / CONFIG_FILE, quantization)
     name = load_adapter(base, directory, DEFAULT_NAME)
+    check_quantization(quantization, adapter_quantization(base, name), directory)
     return Loaded(kind=ADAPTER_KIND, path=directory, model=base, base=base, tokenizer=tokenizer, adapters=(name,))
 
 

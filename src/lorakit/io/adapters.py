@@ -22,6 +22,7 @@ from lorakit.core.layer import LoraLayer
 from lorakit.core.lifecycle import attach, check_adapter_name
 from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, FormatError, TargetError
+from lorakit.io.base_quantization import adapter_quantization
 from lorakit.io.files import json_writer, load_json, load_tensors, tensor_writer, write_all_atomically
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
@@ -74,11 +75,13 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     """Write adapter ``name`` (default: the only or only active one) to directory ``path`` in PEFT format.
 
     Both files are written to temporary names first and renamed into place only once both are complete,
-    so a failed or killed save never leaves a half-written adapter over a good one. Returns the directory.
+    so a failed or killed save never leaves a half-written adapter over a good one. ``lorakit.json`` records the
+    quantization of the adapted layers' bases, if any (:mod:`lorakit.io.base_quantization`). Returns the directory.
     """
     name = _resolve_name(model, name)
     directory = Path(path)
-    write_adapter_files(directory, adapter_tensors(model, name), peft_config(model, name))
+    write_adapter_files(directory, adapter_tensors(model, name), peft_config(model, name),
+                        base_quantization=adapter_quantization(model, name))
     return directory
 
 
@@ -92,13 +95,15 @@ def peft_config(model: nn.Module, name: str) -> dict:
 
 def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: dict, origin: str | None = None,
                         *, kind: str = ADAPTER_KIND,
-                        beside: Mapping[str, Callable[[Path], None]] | None = None) -> None:
-    """Write an adapter's tensors, ``adapter_config.json``, ``lorakit.json`` (``kind``, with ``origin`` if given)
-    and the files ``beside`` it (file name -> writer) to ``directory``, all atomically together (see
+                        beside: Mapping[str, Callable[[Path], None]] | None = None,
+                        base_quantization: str | None = None) -> None:
+    """Write an adapter's tensors, ``adapter_config.json``, ``lorakit.json`` (``kind``, with ``origin`` and
+    ``base_quantization`` if given) and the files ``beside`` it (file name -> writer) to ``directory``, all
+    atomically together (see
     :func:`save_adapter`)."""
     write_all_atomically({directory / WEIGHTS_FILE: tensor_writer(tensors),
                           directory / CONFIG_FILE: json_writer(config),
-                          directory / METADATA_FILE: metadata_writer(kind, origin),
+                          directory / METADATA_FILE: metadata_writer(kind, origin, base_quantization),
                           **{directory / file: write for file, write in (beside or {}).items()}})
 
 

@@ -8,15 +8,19 @@ from typing import Any
 from torch import nn
 
 from lorakit.errors import FormatError
+from lorakit.io.base_quantization import base_loader
 from lorakit.models import load_model
 
 
-def base_for(model: nn.Module | None, recorded: Any, source: Path) -> tuple[nn.Module, Any | None]:
+def base_for(model: nn.Module | None, recorded: Any, source: Path,
+             quantization: str | None = None) -> tuple[nn.Module, Any | None]:
     """``model`` (and no tokenizer), or, when it is None, the base model ``recorded`` in the file ``source``
-    with its tokenizer (:func:`lorakit.models.load_model`, which serves the default model's hub id locally)."""
+    with its tokenizer (:func:`lorakit.models.load_model`, which serves the default model's hub id locally),
+    quantized as ``quantization`` says where a loader for that scheme is registered."""
     if model is not None:
         return model, None
     if not isinstance(recorded, str) or not recorded:
         raise FormatError(f"{source}: records no base model (found {recorded!r}); pass the base model to load "
                           "it into (lorakit.load(path, model), or --base on the command line)")
-    return load_model(recorded)
+    loader = base_loader(quantization) if quantization else None
+    return (loader or load_model)(recorded)

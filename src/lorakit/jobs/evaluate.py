@@ -16,16 +16,22 @@ from lorakit.eval.rank_sweep import evaluate_ranks
 from lorakit.io.adapters import ADAPTER_KIND
 from lorakit.io.directory_kinds import Loaded, get_kind
 from lorakit.io.loader import load
+from lorakit.io.metadata import read_metadata
 from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.quant.base_schemes import SCHEMES
+from lorakit.quant.quantized_loading import load_base
 
 
 def load_directory(path: str | Path, base: str | None) -> tuple[Loaded, Any]:
     """The directory at ``path`` through :func:`lorakit.load`, into the model ``base`` names or (None) into
-    the base the directory records; with the tokenizer of the model loaded."""
+    the base the directory records; with the tokenizer of the model loaded. Either base is quantized as the
+    directory records (``lorakit train --quantize``)."""
     if base is None:
         loaded = load(path)
         return loaded, loaded.tokenizer
-    model, tokenizer = load_model(base)
+    metadata = read_metadata(Path(path))
+    recorded = metadata.base_quantization if metadata else None
+    model, tokenizer = load_base(base, recorded if recorded in SCHEMES else None)
     return load(path, model), tokenizer
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
-from lorakit.config import LoraConfig, QuantizedInitConfig, TrainConfig
+from lorakit.config import QUANTIZING_INITS, LoraConfig, QuantizedInitConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
 from lorakit.io.files import save_json
-from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.models import DEFAULT_MODEL
+from lorakit.quant.base_schemes import base_scheme
+from lorakit.quant.quantized_loading import load_base
 from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.components import check_components
 from lorakit.train.loop import TrainResult, train
@@ -41,8 +43,12 @@ def _lora_from_dict(run: dict[str, Any]) -> LoraConfig:
 def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: LoraConfig = LoraConfig(),
              config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
              eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
-             resume: bool = False, quantized_init: QuantizedInitConfig = QuantizedInitConfig()) -> TrainResult:
+             resume: bool = False, quantized_init: QuantizedInitConfig = QuantizedInitConfig(),
+             quantize: str | None = None) -> TrainResult:
     """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
+
+    With ``quantize`` (``"nf4"``, ``"int8"``: :mod:`lorakit.quant.base_schemes`) the base is quantized as it
+    loads (QLoRA) and the adapter records it, so that loading it rebuilds that base.
 
     ``data`` is a JSONL file or ``task:NAME`` (``n`` examples of that task's train split); ``lora.init``
     may be a data-driven init (:func:`lorakit.train.prepare.prepare_adapter`; ``quantized_init`` shapes
@@ -55,9 +61,10 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     lora = prepared_lora(lora, config)
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
+    check_quantize(quantize, lora, config)
     if not resume:
         check_fresh(out, overwrite)
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
@@ -66,7 +73,7 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config),
-                                       quantized_init=dataclasses.asdict(quantized_init)))
+                                       quantized_init=dataclasses.asdict(quantized_init), quantize=quantize))
     if prepared.moves_base and config.regularizer == "ba-lora" and "ba_lora_reference" not in config.options:
         # LoRA-GA moved the base: BA-LoRA compares with the model as it starts (offset base + initial adapter).
         config = dataclasses.replace(config, options={**config.options, "ba_lora_reference": "snapshot"})
@@ -77,24 +84,39 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
 
 def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = DEFAULT_MODEL,
                       lora: LoraConfig = LoraConfig(), config: TrainConfig = TrainConfig(), n: int | None = None,
-                      overwrite: bool = False, progress: bool = True, resume: bool = False) -> TrainResult:
+                      overwrite: bool = False, progress: bool = True, resume: bool = False,
+                      quantize: str | None = None) -> TrainResult:
     """Train one adapter per ``name -> data`` pair in shared batches (:func:`lorakit.train.multi.train_adapters`);
-    adapter ``name`` goes to ``out/name``, the run's settings to ``out/run.json``."""
+    adapter ``name`` goes to ``out/name``, the run's settings to ``out/run.json``; ``quantize`` as
+    :func:`finetune`'s."""
     from lorakit.train.multi import check_multi_config, train_adapters
     out = Path(out)
     check_multi_config(config)
+    check_quantize(quantize, lora, config)
     examples = {name: load_examples(data, split="train", n=n) for name, data in datasets.items()}
     if not resume:
         check_fresh(out, overwrite)
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)
     for name in datasets:
         attach(model, lora, name, activate=False)
     if not resume:
         save_json(out / RUN_FILE, dict(base=base, datasets=datasets, n=n, lora=dataclasses.asdict(lora),
-                                       config=dataclasses.asdict(config)))
+                                       config=dataclasses.asdict(config), quantize=quantize))
     return train_adapters(model, tokenizer, examples, config, out_dir=out, resume=out if resume else None,
                           overwrite=True, progress=progress)
+
+
+def check_quantize(quantize: str | None, lora: LoraConfig, config: TrainConfig) -> None:
+    """Refuse ``quantize`` where it makes no sense: an unknown scheme, full fine-tuning, an init that quantizes."""
+    if quantize is None:
+        return
+    base_scheme(quantize)
+    if config.full:
+        raise ConfigError(f"--quantize {quantize} freezes the base in quantized form, so --full has nothing to "
+                          "train; drop one of them")
+    if lora.init in QUANTIZING_INITS:
+        raise ConfigError(f"--init {lora.init} quantizes the base itself (its own bits); drop --quantize {quantize}")
 
 
 def check_fresh(out: Path, overwrite: bool) -> None:
@@ -113,8 +135,10 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResul
     args = json.loads(path.read_text())
     if "datasets" in args:
         return finetune_adapters(args["datasets"], run_dir, base=args["base"], lora=_lora_from_dict(args),
-                                 config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True)
+                                 config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True,
+                                 quantize=args.get("quantize"))
     return finetune(args["data"], run_dir, base=args["base"], lora=_lora_from_dict(args),
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
                     eval_n=args["eval_n"], progress=progress, resume=True,
-                    quantized_init=QuantizedInitConfig(**args.get("quantized_init", {})))
+                    quantized_init=QuantizedInitConfig(**args.get("quantized_init", {})),
+                    quantize=args.get("quantize"))

@@ -32,16 +32,30 @@ def load_model(
     read from safetensors only, never from pickled ``.bin`` files. The tokenizer gets its end of
     sequence token as padding token when it has none.
     """
-    source = _resolve(name_or_path)
+    source = resolve_source(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ModelError(_failure_message(os.fspath(name_or_path), source, error)) from error
-    if source == str(smollm2.cache_dir()):
-        model.config._name_or_path = smollm2.HUB_ID  # saved adapters name the published base
     if device is not None:
         model.to(device)
+    return finish_loading(model, load_tokenizer(source, name_or_path), source)
+
+
+def load_tokenizer(source: str, name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``source`` (what :func:`resolve_source` gave for ``name_or_path``)."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelError(_failure_message(os.fspath(name_or_path), source, error)) from error
+
+
+def finish_loading(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``model`` in eval mode, named as published when it is the default model, and its padding token set:
+    the end of sequence token where the tokenizer has none."""
+    if source == str(smollm2.cache_dir()):
+        model.config._name_or_path = smollm2.HUB_ID  # saved adapters name the published base
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -50,7 +64,7 @@ def load_model(
     return model, tokenizer
 
 
-def _resolve(name_or_path: str | os.PathLike[str]) -> str:
+def resolve_source(name_or_path: str | os.PathLike[str]) -> str:
     """Return what ``from_pretrained`` should read: a local directory or a hub id."""
     text = os.fspath(name_or_path)
     if text.lower() in _DEFAULT_NAMES:

@@ -67,6 +67,15 @@ class NFConfig:
         """Whether the absmax scales are themselves quantized."""
         return self.scale_bits is not None
 
+    @property
+    def name(self) -> str:
+        """A short name: ``"nf4"`` for :data:`QLORA_NF4`, else e.g. ``"nf3-b128"`` or ``"nf2-b64-s8x256-fp32"``
+        (block size, then the scales' bits, block and second-level type under double quantization)."""
+        if self == QLORA_NF4:
+            return "nf4"
+        double = f"-s{self.scale_bits}x{self.scale_block_size}-{self.scale_dtype}" if self.double_quant else ""
+        return f"nf{self.bits}-b{self.block_size}{double}"
+
     def to_json(self) -> dict[str, Any]:
         """The fields as a JSON object."""
         return asdict(self)
@@ -86,6 +95,11 @@ class NFConfig:
             return cls(**obj)
         except ConfigError as err:
             raise FormatError(f"{where}: {err}") from None
+
+
+QLORA_NF4 = NFConfig(bits=4, block_size=64, scale_bits=8)
+"""QLoRA's NF4: blocks of 64, absmax scales double-quantized to 8 bits in blocks of 256 (bitsandbytes' NF4 with
+``compress_statistics``); what ``lorakit train --quantize nf4`` uses."""
 
 
 def bits_per_parameter(config: NFConfig) -> float:

@@ -63,6 +63,11 @@ class NFLinear(nn.Module):
         return NFTensor(**typed, **optional, shape=(self.out_features, self.in_features), config=self.config)
 
     @property
+    def quantization_scheme(self) -> str:
+        """The name adapters trained on this layer record (:attr:`NFConfig.name`)."""
+        return self.config.name
+
+    @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (out, in), a new float32 tensor on every call (not a Parameter: writing
         into it changes nothing)."""

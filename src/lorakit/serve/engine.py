@@ -30,7 +30,8 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.eval.generate import stop_token_ids
 from lorakit.io.directory_kinds import directory_kind
 from lorakit.io.loader import load
-from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.models import DEFAULT_MODEL
+from lorakit.quant.quantized_loading import load_base
 from lorakit.serve.cards import BASE_KIND, AdapterBusy, ModelCard, RegistrationError, UnknownModel
 from lorakit.serve.lanes import Lane, mixture_experts
 from lorakit.serve.observer import EngineObserver
@@ -51,7 +52,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str, base_source: str, max_batch: int = 32,
                  max_queue: int = 256, max_resident_adapters: int = 8, request_timeout: float | None = 600.0,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, base_quantization: str | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max_batch={max_batch} must be at least 1 and max_queue={max_queue} at least 0")
         if request_timeout is not None and not request_timeout > 0:
@@ -64,7 +65,8 @@ class Engine:
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
         self.created = int(time.time())
-        self.residency = Residency(model, base_name, max_resident_adapters)
+        self.base_quantization = base_quantization
+        self.residency = Residency(model, base_name, max_resident_adapters, base_quantization)
         self.mixture_cards: dict[str, ModelCard] = {}
         self.scheduler = Scheduler(self.residency, Lane(base_name, model, self.context_length), tokenizer,
                                    set(stop_token_ids(model, tokenizer)), max_batch=max_batch,
@@ -79,11 +81,12 @@ class Engine:
         self._stopping = False
 
     @classmethod
-    def open(cls, base: str | None = None, **options: Any) -> Engine:
-        """An engine on the base model ``base`` (None: the default model), loaded here."""
+    def open(cls, base: str | None = None, *, quantize: str | None = None, **options: Any) -> Engine:
+        """An engine on the base model ``base`` (None: the default model), loaded here, quantized as it loads
+        under the scheme ``quantize`` names (None: full precision)."""
         source = base or DEFAULT_MODEL
-        model, tokenizer = load_model(source)
-        return cls(model, tokenizer, base_name=source, base_source=source, **options)
+        model, tokenizer = load_base(source, quantize)
+        return cls(model, tokenizer, base_name=source, base_source=source, base_quantization=quantize, **options)
 
     # -- what is served ------------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Engine:
 
     def _mixture_lane(self, name: str, directory: Path) -> Lane:
         """The mixture at ``directory`` on its own copy of the base, in a lane of its own."""
-        base, _ = load_model(self.base_source)
+        base, _ = load_base(self.base_source, self.base_quantization)
         base.to(self.scheduler.shared.device)
         try:
             loaded = load(directory, base)

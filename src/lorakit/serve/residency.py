@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.core.lifecycle import delete_adapter
 from lorakit.errors import LorakitError
 from lorakit.io.adapters import load_adapter
+from lorakit.io.metadata import read_metadata
 from lorakit.serve.cards import ModelCard, RegistrationError
 
 
@@ -36,13 +37,35 @@ class AdapterVersion:
     card: ModelCard
 
 
+def recorded_quantization(path: Path) -> str | None:
+    """The ``base_quantization`` the directory at ``path`` records (None: none, or no ``lorakit.json``)."""
+    try:
+        metadata = read_metadata(Path(path))
+    except LorakitError as error:
+        raise RegistrationError(f"{path} cannot be served: {error}") from None
+    return metadata.base_quantization if metadata else None
+
+
+def check_served_quantization(path: Path, base_quantization: str | None) -> None:
+    """Refuse an adapter recording another base quantization than the served base's, naming both."""
+    recorded = recorded_quantization(path)
+    if recorded != base_quantization:
+        raise RegistrationError(
+            f"{path} was trained on a {recorded or 'full-precision'} base, but this server's base is "
+            f"{base_quantization or 'full precision'}; serve it from a server started with it among --adapter "
+            f"(the base is then loaded as the adapters record), or with adapters trained on the same base")
+
+
 class Residency:
     """The served plain adapters of the shared base; see the module docstring."""
 
-    def __init__(self, model: nn.Module, base_name: str, max_resident: int) -> None:
+    def __init__(self, model: nn.Module, base_name: str, max_resident: int,
+                 base_quantization: str | None = None) -> None:
         if max_resident < 1:
             raise RegistrationError(f"max_resident_adapters={max_resident} must be at least 1")
         self.model = model
+        self.base_quantization = base_quantization
+        """The scheme the base was quantized with as it loaded (None: full precision)."""
         self.base_name = base_name
         self.max_resident = max_resident
         self.current: dict[str, AdapterVersion] = {}
@@ -54,7 +77,9 @@ class Residency:
 
     def register(self, name: str, path: Path) -> AdapterVersion:
         """Serve the adapter at ``path`` as ``name`` (a new version if ``name`` is served): loaded once now, so a
-        directory that does not fit the base is refused here with the reason."""
+        directory that does not fit the base is refused here with the reason, as is one trained on a base quantized
+        otherwise than this one (its answers would not be the ones it was trained and evaluated with)."""
+        check_served_quantization(path, self.base_quantization)
         version = AdapterVersion(name, path, f"served{next(self._serial)}",
                                  ModelCard(name, "adapter", self.base_name, str(path), int(time.time())))
         self._evict_down_to(self.max_resident - 1)
