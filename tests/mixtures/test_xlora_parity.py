@@ -37,7 +37,7 @@ from tests.helpers import VOCAB, perturb, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ATOL = 1e-4
+ATOL = 2e-4  # fp32 sums in another order: one logit in 3,456 differs by 1.2e-4 on some CPUs
 NAMES = ("alpha", "beta", "gamma")  # lorakit's names; PEFT's are "0", "1", "2"
 EXPERT_SETS = {
     "mixed": ("all-linear", ("q_proj", "v_proj"), ("down_proj",)),
