@@ -36,3 +36,33 @@ def random_adapter(model, config: lorakit.LoraConfig, name: str, root: Path, gen
                 adapter.A.copy_(torch.randn(adapter.A.shape, generator=generator) * 0.02)
                 adapter.B.copy_(torch.randn(adapter.B.shape, generator=generator) * 0.02)
     return lorakit.save_adapter(model, root / name, name)
+
+
+def saved_for_backward_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one forward of ``model`` on ``ids`` (with labels ``ids``),
+    not counting references to the model's own parameters and buffers (which it holds anyway); then runs that
+    backward, leaving gradients the caller clears."""
+    stored = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in stored:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(saved)
+
+
+def lm_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor):
+    """A function taking one optimizer step on the language-model loss of ``ids`` (labels = inputs); it returns
+    the loss."""
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    return step

@@ -33,7 +33,7 @@ import time
 import torch
 
 import lorakit
-from common import emit
+from common import emit, lm_training_step, saved_for_backward_bytes
 
 SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit", "int8")
 
@@ -54,24 +54,8 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
     optimizer = (adamw_8bit(parameters, lr=1e-4, weight_decay=0.0) if system.endswith("adamw8bit")
                  else torch.optim.AdamW(parameters, lr=1e-4))
     ids = torch.randint(100, 20000, (batch, tokens), generator=torch.Generator().manual_seed(1))
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    stored = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = []
-
-    def keep(t: torch.Tensor) -> torch.Tensor:  # a reference to a weight the model holds anyway costs nothing
-        if t.untyped_storage().data_ptr() not in stored:
-            saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    step = lm_training_step(model, optimizer, ids)
+    saved = saved_for_backward_bytes(model, ids)
     optimizer.zero_grad()
     for _ in range(2):
         step()
@@ -80,7 +64,7 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
         started = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - started)
-    return {"system": system, "linear_weight_bytes": weight_bytes, "saved_for_backward_bytes": sum(saved),
+    return {"system": system, "linear_weight_bytes": weight_bytes, "saved_for_backward_bytes": saved,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": statistics.median(seconds),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

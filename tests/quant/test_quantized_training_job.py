@@ -62,11 +62,12 @@ def test_the_server_refuses_an_adapter_trained_on_another_base(base_dir, data, t
     ("nf5", {}, "one of nf4, int8"),
     ("nf4", {"full": True}, "--full has nothing to train"),
     ("nf4", {"init": "loftq"}, "--init loftq quantizes the base itself"),
+    ("int8", {"method": "l4q"}, "--method l4q quantizes W0 \\+ s B A itself"),
 ])
 def test_senseless_combinations_are_refused_before_anything_loads(base_dir, data, tmp_path, quantize, changes,
                                                                    message):
     lora = LoraConfig(rank=4, alpha=8, targets=("q_proj",), init=changes.get("init", "kaiming"))
-    config = TrainConfig(steps=1, full=changes.get("full", False))
+    config = TrainConfig(steps=1, full=changes.get("full", False), method=changes.get("method", "lora"))
     with pytest.raises(ConfigError, match=message):
         finetune(data, tmp_path / "run", base=str(base_dir), lora=lora, config=config, progress=False,
                  quantize=quantize)

@@ -69,7 +69,7 @@ def test_the_registries_build_what_they_name():
     [regularizer] = loop_hooks(TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
     assert isinstance(regularizer, BaLoraRegularizer) and regularizer.weights.top_k == 5
     assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "lora-pro", "allora"}
-    assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora"}
+    assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora", "l4q"}
     assert set(REGULARIZERS) == {"ba-lora"}
 
 
@@ -82,6 +82,12 @@ def test_the_registries_build_what_they_name():
     ("kaiming", {"optimizer": "allora", "method": "codyra"}, "AdamW"),
     ("kaiming", {"optimizer": "lora-pro", "full": True}, "full fine-tuning cannot use optimizer='lora-pro'"),
     ("kaiming", {"method": "dylora", "full": True}, "full fine-tuning cannot use"),
+    ("lq-lora", {"method": "l4q"}, "init='lq-lora' does not combine with method='l4q': L4Q quantizes"),
+    ("loftq", {"method": "l4q"}, "init='loftq' does not combine with method='l4q'"),
+    ("kaiming", {"optimizer": "lora-pro", "method": "l4q"}, "optimizer='lora-pro' does not combine"),
+    ("kaiming", {"optimizer": "allora", "method": "l4q"}, "step sizes and offsets"),
+    ("kaiming", {"regularizer": "ba-lora", "method": "l4q"}, "regularizer='ba-lora' does not combine"),
+    ("kaiming", {"method": "l4q", "full": True}, "full fine-tuning cannot use"),
 ])
 def test_refused_combinations_name_the_pair_and_the_reason(init, changes, message):
     with pytest.raises(lorakit.ConfigError, match=message):

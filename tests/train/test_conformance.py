@@ -113,6 +113,7 @@ CASES = {
     "allora": with_config(optimizer="allora"),
     "ba-lora": with_config(regularizer="ba-lora"),
     "mixlora": Case(config=dataclasses.replace(BASE, method="mixlora"), model=mixlora),
+    "l4q": with_config(method="l4q", options={"l4q_group_size": 16, "l4q_bits": 3}),
     "joint": Case(model=two_adapters, components=joint, result="a", view=lambda m: lorakit.active(m, "a")),
     "lora-ga": Case(init="lora-ga"),
     "meteora": Case(model=meteora, components=meteora_components, examples=tasks, into=with_task_adapters),

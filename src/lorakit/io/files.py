@@ -110,6 +110,24 @@ def load_metadata(path: Path) -> dict[str, str]:
         raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
+def load_metadata_header(path: Path, key: str, *, version: int, field: str, holds: str) -> dict[str, Any]:
+    """``header[field]`` of the JSON header ``{"format": version, field: {...}}`` that the safetensors file
+    ``path`` stores under metadata ``key``; a :class:`FormatError` names the file, the key and what is wrong
+    (``holds`` says what a file without the key is not, e.g. "a lorakit quantized file")."""
+    raw = load_metadata(path).get(key)
+    if raw is None:
+        raise FormatError(f"{path}: has no {key!r} metadata, so it is not {holds}")
+    try:
+        header = json.loads(raw)
+    except ValueError as err:
+        raise FormatError(f"{path}: metadata {key!r} is not valid JSON ({err})") from None
+    if not (isinstance(header, dict) and set(header) == {"format", field} and header["format"] == version
+            and isinstance(header[field], dict)):
+        raise FormatError(f"{path}: metadata {key!r} must be exactly {{'format': {version}, '{field}': {{...}}}}; "
+                          f"found {raw[:200]}")
+    return header[field]
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

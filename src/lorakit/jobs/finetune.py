@@ -108,7 +108,8 @@ def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = 
 
 
 def check_quantize(quantize: str | None, lora: LoraConfig, config: TrainConfig) -> None:
-    """Refuse ``quantize`` where it makes no sense: an unknown scheme, full fine-tuning, an init that quantizes."""
+    """Refuse ``quantize`` where it makes no sense: an unknown scheme, full fine-tuning, an init or a method that
+    quantizes."""
     if quantize is None:
         return
     base_scheme(quantize)
@@ -117,6 +118,8 @@ def check_quantize(quantize: str | None, lora: LoraConfig, config: TrainConfig) 
                           "train; drop one of them")
     if lora.init in QUANTIZING_INITS:
         raise ConfigError(f"--init {lora.init} quantizes the base itself (its own bits); drop --quantize {quantize}")
+    if config.method == "l4q":
+        raise ConfigError(f"--method l4q quantizes W0 + s B A itself (--option l4q_bits); drop --quantize {quantize}")
 
 
 def check_fresh(out: Path, overwrite: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def resolve_source(name_or_path: str | os.PathLike[str]) -> str:
         return str(smollm2.ensure_cached())
     path = Path(text).expanduser()
     if path.is_dir():
+        _refuse_other_lorakit_kind(path, text)
         return str(path)
     if path.exists():
         raise ModelError(f"{text!r} is a file; pass the directory holding config.json instead")
@@ -79,6 +81,19 @@ def resolve_source(name_or_path: str | os.PathLike[str]) -> str:
             f"no model directory at {text!r}; pass an existing directory or {DEFAULT_MODEL!r}"
         )
     return text
+
+
+def _refuse_other_lorakit_kind(path: Path, text: str) -> None:
+    """Refuse a directory whose ``lorakit.json`` names a kind other than ``model``: ``from_pretrained`` would read
+    its ``config.json`` and leave the layers lorakit stores elsewhere (an ``l4q-model``'s quantized linears)
+    randomly initialised."""
+    try:
+        kind = json.loads((path / "lorakit.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return  # no lorakit.json, or one lorakit.load would refuse itself: from_pretrained decides
+    if isinstance(kind, str) and kind != "model":
+        raise ModelError(f"{text!r} holds a lorakit {kind!r} directory, not a base model; pass it as --adapter "
+                         f"(in Python: lorakit.load)")
 
 
 def _looks_like_path(text: str) -> bool:

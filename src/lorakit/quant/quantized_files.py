@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lorakit.errors import FormatError
-from lorakit.io.files import load_metadata, load_tensors, tensor_writer, write_atomically
+from lorakit.io.files import load_metadata_header, load_tensors, tensor_writer, write_atomically
 from lorakit.quant.nf_config import NFConfig
 from lorakit.quant.quantized_tensor import NFTensor
 
@@ -41,19 +41,8 @@ def quantized_writer(tensors: Mapping[str, NFTensor]) -> Callable[[Path], None]:
 
 
 def _described(path: Path) -> dict:
-    raw = load_metadata(path).get(METADATA_KEY)
-    if raw is None:
-        raise FormatError(f"{path}: has no {METADATA_KEY!r} metadata, so it is not a lorakit quantized file")
-    try:
-        header = json.loads(raw)
-    except ValueError as err:
-        raise FormatError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({err})") from None
-    if not isinstance(header, dict) or set(header) != {"format", "tensors"} or header["format"] != FORMAT:
-        raise FormatError(f"{path}: metadata {METADATA_KEY!r} must be exactly {{'format': {FORMAT}, 'tensors': "
-                          f"{{...}}}}; found {raw[:200]}")
-    if not isinstance(header["tensors"], dict):
-        raise FormatError(f"{path}: metadata {METADATA_KEY!r} 'tensors' is not an object")
-    return header["tensors"]
+    return load_metadata_header(path, METADATA_KEY, version=FORMAT, field="tensors",
+                                holds="a lorakit quantized file")
 
 
 def load_quantized(path: str | Path) -> dict[str, NFTensor]:

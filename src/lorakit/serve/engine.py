@@ -116,8 +116,9 @@ class Engine:
             version = self._on_thread(lambda: self._register_adapter(name, directory))
             return version.card
         if kind not in MIXTURE_KINDS:
+            advice = "; serve a whole model as --base instead" if kind == "model" else ""
             raise RegistrationError(f"{directory} holds a directory of kind {kind!r}, which the engine cannot "
-                                    f"serve next to the base; serve a whole model as --base instead")
+                                    f"serve next to the base{advice}")
         lane = self._mixture_lane(name, directory)
         card = ModelCard(name, kind, self.base_name, str(directory), int(time.time()))
         self._on_thread(lambda: self._install_lane(name, lane, card))

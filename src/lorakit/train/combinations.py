@@ -43,12 +43,23 @@ _QUANTIZING_INIT_REFUSALS = {
 }
 _REFUSED.update({("init", init, "method", method): reason for init in ("lq-lora", "loftq")
                  for method, reason in _QUANTIZING_INIT_REFUSALS.items()})
+_REFUSED.update({("init", init, "method", "l4q"): "L4Q quantizes W0 + s B A itself; its base must stay in full "
+                                                  "precision" for init in ("lq-lora", "loftq")})
+_REFUSED.update({
+    ("optimizer", "lora-pro", "method", "l4q"): "LoRA-Pro's closed form is for W0 + s B A, not the quantization "
+                                                "grid L4Q trains B A through (with its step sizes beside them)",
+    ("optimizer", "allora", "method", "l4q"): "ALLoRA's row-wise rates are for factor rows; L4Q also trains "
+                                              "step sizes and offsets",
+    ("regularizer", "ba-lora", "method", "l4q"): "BA-LoRA compares with the model without its adapter, which "
+                                                 "L4Q's fake-quantized layers cannot switch off",
+})
 
 
 def check_combination(lora: LoraConfig, config: TrainConfig) -> None:
     """Raise a ConfigError naming the pair and the reason if the run's choices (``lora.init`` among them) do
     not combine."""
-    chosen = {"init": lora.init, "optimizer": config.optimizer, "method": config.method}
+    chosen = {"init": lora.init, "optimizer": config.optimizer, "method": config.method,
+              "regularizer": config.regularizer}
     if config.full and (config.optimizer != "adamw" or config.method != "lora"):
         raise ConfigError(f"full fine-tuning cannot use optimizer={config.optimizer!r} / method={config.method!r}: "
                           "they act on LoRA factors, and full fine-tuning has none")

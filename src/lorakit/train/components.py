@@ -25,6 +25,7 @@ from lorakit.optim.adamw_8bit import adamw_8bit
 from lorakit.optim.allora import Allora
 from lorakit.optim.factor_pairs import lora_factors
 from lorakit.optim.lora_pro import LoraPro
+from lorakit.quant.l4q import L4QTraining
 from lorakit.regularizers.ba_lora import BaLoraWeights
 from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
 
@@ -86,6 +87,11 @@ def _mixlora(config: TrainConfig, options: Options) -> TrainingComponent:
     return MixLoraTraining(coefficient=options["mixlora_aux_loss_coefficient"])
 
 
+def _l4q(config: TrainConfig, options: Options) -> TrainingComponent:
+    return L4QTraining(bits=options["l4q_bits"], group_size=options["l4q_group_size"],
+                       lsq_grad_scale=options["l4q_lsq_grad_scale"])
+
+
 def _ba_lora(config: TrainConfig, options: Options) -> TrainingComponent:
     weights = BaLoraWeights(consistency=options["ba_lora_consistency"], diversity=options["ba_lora_diversity"],
                             svd=options["ba_lora_svd"], top_k=int(options["ba_lora_top_k"]))
@@ -108,6 +114,8 @@ METHODS: dict[str, Registered] = {
     "mixlora": Registered(_mixlora, {"mixlora_experts": 8, "mixlora_top_k": 2, "mixlora_aux_loss_coefficient": 1e-3,
                                      "mixlora_jitter": 0.0},
                           "MixLoRA: top-k LoRA experts in every FFN (shared frozen weights), LoRA on attention"),
+    "l4q": Registered(_l4q, {"l4q_bits": 4, "l4q_group_size": 128, "l4q_lsq_grad_scale": False},
+                      "L4Q: LoRA trained inside the fake-quantized W0 + s B A; saves one integer-coded model"),
 }
 REGULARIZERS: dict[str, Registered] = {
     "ba-lora": Registered(_ba_lora, {"ba_lora_consistency": 1e-4, "ba_lora_diversity": 3e-4, "ba_lora_svd": 1e-4,
