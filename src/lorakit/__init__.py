@@ -31,7 +31,7 @@ from lorakit.io.directory_kinds import Loaded
 from lorakit.io.loader import load
 from lorakit.mixtures import meteora, mixlora, xlora  # noqa: F401  (their directory kinds register on import)
 from lorakit.models import DEFAULT_MODEL, load_model
-from lorakit.quant import l4q, quantized_adapter  # noqa: F401  (the l4q-model and quantized-adapter directory kinds)
+from lorakit.quant import l4q, nf_model_dir, quantized_adapter  # noqa: F401  (directory kinds)
 
 __version__ = "0.1.0"
 

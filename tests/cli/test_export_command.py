@@ -41,13 +41,19 @@ def test_export_writes_the_lora_file_and_refuses_a_quantization_for_it(base_and_
     assert "--quant applies to --format gguf" in capsys.readouterr().err
 
 
-def test_an_adapter_trained_on_quantized_bases_is_refused_by_both_formats(base_and_adapter, tmp_path, capsys):
+def test_an_adapter_trained_on_quantized_bases_exports_merged_but_not_alone(base_and_adapter, tmp_path, capsys):
     from lorakit.quant.quantized_adapter import save_quantized_adapter
     from tests.quant.test_quantized_adapter import trained_on_quantized_bases
     base, _ = base_and_adapter
     model, quantized = trained_on_quantized_bases()
     directory = save_quantized_adapter(model, tmp_path / "quantized", quantized)
-    for form, reason in (("gguf", "dequantize-merge-requantize"), ("gguf-lora", "trained on quantized bases")):
-        out = tmp_path / f"{form}.gguf"
-        assert main(["export", "--format", form, "--out", str(out), "--base", str(base), str(directory)]) == 2
-        assert reason in capsys.readouterr().err and not out.exists()
+    merged = tmp_path / "gguf.gguf"  # the dequantized bases with the adapter merged: the model it was trained as
+    assert main(["export", "--format", "gguf", "--out", str(merged), "--base", str(base), str(directory)]) == 0
+    reader = gguf.GGUFReader(merged)
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    layer = model.model.layers[0].self_attn.v_proj
+    expected = layer.base_layer.weight + layer.delta_weight("default")
+    assert abs(q.data.astype("float32") - expected.detach().numpy()).max() < 1e-2  # float16 in the file
+    alone = tmp_path / "gguf-lora.gguf"
+    assert main(["export", "--format", "gguf-lora", "--out", str(alone), "--base", str(base), str(directory)]) == 2
+    assert "trained on quantized bases" in capsys.readouterr().err and not alone.exists()

@@ -13,7 +13,7 @@ from lorakit.io import directory_kinds
 from lorakit.io.directory_kinds import DirectoryKind, Loaded, directory_kind, get_kind, kind_names, register_kind
 from tests.helpers import perturb, tiny_llama, token_batch
 
-KNOWN = ["adapter", "model", "meteora", "mixlora", "xlora", "quantized-adapter", "l4q-model"]
+KNOWN = ["adapter", "model", "meteora", "mixlora", "xlora", "quantized-adapter", "l4q-model", "nf-model"]
 
 
 def test_every_built_in_kind_is_registered_by_import_lorakit():

@@ -15,9 +15,18 @@ from lorakit import FormatError, LoraConfig, ModelError, StateError, TrainConfig
 from lorakit.io.directory_kinds import directory_kind
 from lorakit.quant.l4q import L4QConfig, L4QTraining, UniformQuantizedLinear, finalize_l4q, l4q_layers, save_l4q_model
 from lorakit.quant.l4q.l4q_files import METADATA_KEY
-from lorakit.quant.l4q.model_dir import MODEL_FILE, QUANTIZED_FILE
+from lorakit.quant.quantized_model_dir import MODEL_FILE, QUANTIZED_FILE
 from lorakit.train import train
-from tests.helpers import char_tokenizer, copy_examples, logits, run_interrupted, tiny_llama, token_batch
+from tests.helpers import (
+    char_tokenizer,
+    copy_examples,
+    logits,
+    read_tensors,
+    rewrite_tensors,
+    run_interrupted,
+    tiny_llama,
+    token_batch,
+)
 from tests.quant.test_l4q_linear import l4q_llama
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -83,27 +92,14 @@ def test_an_unfinalized_model_is_not_saved(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def _read(path) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` copied out of the file's memory map, so that the file can be rewritten."""
-    return {key: value.clone() for key, value in load_file(str(path)).items()}
-
-
-def _rewrite(path, change):
-    tensors = _read(path)
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    change(tensors)
-    save_file(tensors, str(path), metadata=metadata)
-
-
 def test_a_nan_step_is_refused_naming_the_file_and_tensor(saved):
-    _rewrite(saved / QUANTIZED_FILE, lambda t: t[f"{LAYER}.step"].__setitem__((1, 0), float("nan")))
+    rewrite_tensors(saved / QUANTIZED_FILE, lambda t: t[f"{LAYER}.step"].__setitem__((1, 0), float("nan")))
     with pytest.raises(FormatError, match=rf"quantized_linears\.safetensors: tensor '{LAYER}\.step': holds non-finite"):
         lorakit.load(saved)
 
 
 def test_the_file_packs_the_codes_at_their_bits(saved):
-    codes = _read(saved / QUANTIZED_FILE)[f"{LAYER}.codes"]
+    codes = read_tensors(saved / QUANTIZED_FILE)[f"{LAYER}.codes"]
     assert codes.dtype == torch.uint8 and codes.shape == (64 * 64 * 4 // 8,)  # two 4-bit codes a byte
 
 
@@ -116,14 +112,14 @@ def test_a_code_out_of_range_is_refused():
 
 
 def test_a_pickled_file_is_refused(saved):
-    torch.save(_read(saved / MODEL_FILE), saved / MODEL_FILE)  # a pickle under the safetensors name
+    torch.save(read_tensors(saved / MODEL_FILE), saved / MODEL_FILE)  # a pickle under the safetensors name
     with pytest.raises(FormatError, match=r"model\.safetensors: not a readable safetensors file"):
         lorakit.load(saved)
 
 
 def test_a_shape_mismatch_is_refused(saved):
     path = saved / QUANTIZED_FILE
-    tensors = _read(path)
+    tensors = read_tensors(path)
     with safe_open(str(path), "pt") as handle:
         header = json.loads(handle.metadata()[METADATA_KEY])
     header["layers"][LAYER]["shape"] = [64, 63]
@@ -142,7 +138,7 @@ def test_a_model_of_other_shapes_is_refused(saved):
 
 
 def test_a_stray_tensor_is_refused(saved):
-    _rewrite(saved / QUANTIZED_FILE, lambda t: t.__setitem__("extra.codes", torch.zeros(2, dtype=torch.uint8)))
+    rewrite_tensors(saved / QUANTIZED_FILE, lambda t: t.__setitem__("extra.codes", torch.zeros(2, dtype=torch.uint8)))
     with pytest.raises(FormatError, match="tensor 'extra.codes' belongs to no layer"):
         lorakit.load(saved)
 
@@ -190,8 +186,8 @@ def test_an_interrupted_run_resumes_to_the_same_quantized_model(tmp_path, monkey
     _run(tmp_path / "straight")
     run_interrupted(monkeypatch, 3, lambda: _run(tmp_path / "resumed"))
     _run(tmp_path / "resumed", resume=True)
-    straight = _read(tmp_path / "straight" / QUANTIZED_FILE)
-    resumed = _read(tmp_path / "resumed" / QUANTIZED_FILE)
+    straight = read_tensors(tmp_path / "straight" / QUANTIZED_FILE)
+    resumed = read_tensors(tmp_path / "resumed" / QUANTIZED_FILE)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)  # codes, steps and offsets alike
 

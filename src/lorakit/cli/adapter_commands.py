@@ -20,6 +20,7 @@ from lorakit.jobs.complete import complete
 from lorakit.jobs.evaluate import evaluate_adapter
 from lorakit.jobs.inspect import inspect_adapter, list_targets
 from lorakit.jobs.merge_model import merge_into_model
+from lorakit.jobs.quantized_merge import INTO
 
 ADAPTER_HELP = "a directory lorakit wrote: an adapter (PEFT format) or a mixture; its own metadata says which"
 
@@ -44,7 +45,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    print(merge_into_model(args.adapter, args.out, base=args.base))
+    report = merge_into_model(args.adapter, args.out, base=args.base, into=args.into)
+    if report is not None:  # a quantized base: say what the merge changed (per layer: merge_report.json)
+        shown = {k: ({n: v for n, v in part.items() if n != "per_layer"} if isinstance(part, dict) else part)
+                 for k, part in report.items()}
+        print(json.dumps(shown, indent=2), file=sys.stderr)
+    print(args.out)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -83,6 +89,11 @@ def register(commands) -> None:
                     base="recorded")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
+    merge.add_argument("--into", choices=INTO, default=None,
+                       help="an adapter trained on a quantized base: merge into the dequantized base (default; "
+                            "full precision, equal to the unmerged model), requantized (an nf-model as small as the "
+                            "base; rounding changes it) or the original full-precision weights; the error against "
+                            "the unmerged model is printed and written to merge_report.json")
     inspect = command(commands, "inspect", _inspect, "Show what a directory of any kind holds.", base=False)
     inspect.add_argument("adapter", help=ADAPTER_HELP)
     command(commands, "targets", _targets, "Dry run: list the modules a LoRA config would wrap.", configs=(LORA,))

@@ -122,7 +122,8 @@ class Conv1DKind(LinearKind):
 class QuantizedLinearKind(LinearKind):
     """A linear layer whose weight is stored quantized (bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``,
     lorakit's ``NFLinear``): the adapter sits beside it as on ``nn.Linear`` (QLoRA: Dettmers et al. 2023), but
-    nothing is merged into it, since folding ``s B A`` into quantized codes means dequantize, add, requantize."""
+    nothing is merged into it in place, since folding ``s B A`` into quantized codes means dequantize, add,
+    requantize (:mod:`lorakit.quant.dequantize`, :mod:`lorakit.quant.requantize`)."""
 
     name = "QuantizedLinear"
 
@@ -139,9 +140,9 @@ class QuantizedLinearKind(LinearKind):
         return f"bnb-{getattr(base.weight, 'quant_type', 'unknown')}"
 
     def check_merge(self, base, name):
-        raise StateError(f"module {name!r} is a quantized {type(base).__name__}: merging an adapter into a quantized "
-                         "base needs dequantize-merge-requantize, which lorakit does not do yet; nothing was merged "
-                         "(keep the adapter separate, or merge into an unquantized copy of the model)")
+        raise StateError(f"module {name!r} is a quantized {type(base).__name__}: an adapter cannot be merged into "
+                         "quantized codes in place; nothing was merged (lorakit merge --into dequantized|requantized|"
+                         "original does it with the error measured; in Python, lorakit.quant.dequantize_bases first)")
 
 
 class EmbeddingKind(LayerKind):

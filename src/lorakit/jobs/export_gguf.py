@@ -20,6 +20,7 @@ from lorakit.io.gguf_vocab import DEFAULT_PRE_TOKENIZER
 from lorakit.jobs.evaluate import load_directory
 from lorakit.jobs.merge_model import refuse_unmergeable
 from lorakit.models import smollm2
+from lorakit.quant.dequantize import dequantize_bases, dequantize_linears
 from lorakit.quant.quantized_adapter import QUANTIZED_ADAPTER_KIND
 
 COMMAND = "lorakit export"
@@ -28,9 +29,13 @@ COMMAND = "lorakit export"
 def export_merged_gguf(adapter: str | Path, out: str | Path, *, base: str | None = None, quant: str = "f16",
                        force: bool = False, progress: bool = True) -> Path:
     """Write ``base`` (None: the base the adapter records) with the adapter directory ``adapter`` merged into
-    it to the GGUF file ``out`` (:func:`lorakit.io.gguf_export.export_gguf`, matrices as ``quant``)."""
+    it to the GGUF file ``out`` (:func:`lorakit.io.gguf_export.export_gguf`, matrices as ``quant``). A quantized
+    base is dequantized first, so the file holds ``dequantize(Q) + s B A``, the model the adapter was trained as,
+    before the file's own quantization (``lorakit merge --into dequantized``)."""
     loaded, tokenizer = _load(adapter, out, base, force)
+    dequantize_bases(loaded.model)
     model = merge_and_unload(loaded.model)
+    dequantize_linears(model)
     known_pre_tokenizer = model.config.name_or_path == smollm2.HUB_ID
     return export_gguf(model, tokenizer, out, quant=quant, force=force, progress=progress,
                        pre_tokenizer=smollm2.LLAMA_CPP_PRE_TOKENIZER if known_pre_tokenizer else DEFAULT_PRE_TOKENIZER)

@@ -5,23 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.core.merge import merge_and_unload
+from lorakit.core.state import lora_layers
 from lorakit.errors import ConfigError
 from lorakit.io.directory_kinds import directory_kind
 from lorakit.jobs.evaluate import load_directory
+from lorakit.jobs.quantized_merge import merge_quantized
+from lorakit.quant.dequantize import is_quantized_linear
 from lorakit.train.output import save_model
 
 
-def merge_into_model(adapter: str | Path, out: str | Path, *, base: str | None = None) -> Path:
+def merge_into_model(adapter: str | Path, out: str | Path, *, base: str | None = None,
+                     into: str | None = None) -> dict | None:
     """Write ``base`` (None: the base the adapter records) with the adapter directory ``adapter`` merged into its
     weights (safetensors, with the tokenizer and ``lorakit.json``, kind ``model``) to ``out``.
 
     Only a fixed weight update merges: a mixture (its adapters are routed per token) and a whole model (no
-    adapter to fold in) are refused by kind, before any model is loaded."""
+    adapter to fold in) are refused by kind, before any model is loaded. An adapter on a quantized base merges
+    ``into`` its dequantized base (the default), requantized or into the original weights, with the error that
+    introduces measured and written beside the model (:mod:`lorakit.jobs.quantized_merge`): that report is
+    returned (None for an exact merge into a full-precision base)."""
     refuse_unmergeable(adapter, "lorakit merge")
     loaded, tokenizer = load_directory(adapter, base)
     out = Path(out)
+    if any(is_quantized_linear(layer.base_layer) for _, layer in lora_layers(loaded.model)):
+        return merge_quantized(loaded.model, tokenizer, Path(adapter), loaded.kind, out, into or "dequantized", base)
+    if into is not None:
+        raise ConfigError(f"--into {into} is for adapters trained on a quantized base; {adapter} was trained on a "
+                          "full-precision one, into which it merges exactly (drop --into)")
     save_model(merge_and_unload(loaded.model), tokenizer, out, origin=f"merge of {adapter}")
-    return out
+    return None
 
 
 def refuse_unmergeable(adapter: str | Path, command: str) -> None:

@@ -3,8 +3,8 @@
 ``NFLinear`` (QLoRA: Dettmers et al. 2023) holds its weight ``W`` (out, in) as an :class:`NFTensor` and
 computes ``y = x dequantize(W)^T + bias`` with the weight dequantized to the input's dtype on every
 forward. Its kind (:class:`~lorakit.core.kinds.QuantizedLinearKind`) is a linear kind, so ``lorakit.attach`` adds
-``s B A x`` beside it (``A`` (r, in), ``B`` (out, r)); merging into it is refused, since folding
-``s B A`` into a quantized weight means dequantize, add, requantize (not built yet).
+``s B A x`` beside it (``A`` (r, in), ``B`` (out, r)); merging into it in place is refused, since folding
+``s B A`` into a quantized weight means dequantize, add, requantize (:mod:`lorakit.quant.requantize`).
 
 The quantized parts are buffers held as raw bytes (uint8 views), so ``model.to(dtype)`` moves them
 between devices but never casts the fp32 or fp16 scales: what is stored stays bit for bit the same.
