@@ -31,7 +31,7 @@ from lorakit.io.adapter_kind import DEFAULT_NAME
 from lorakit.io.adapters import CONFIG_FILE, load_adapter
 from lorakit.io.files import json_writer, load_json, write_atomically
 from lorakit.models import load_model
-from lorakit.quant.dequantize import dequantize_bases, dequantize_linears
+from lorakit.quant.dequantize import dequantize_bases, dequantize_linears, dequantized_copies
 from lorakit.quant.nf_model_dir import save_nf_model
 from lorakit.quant.quantized_adapter import QUANTIZED_ADAPTER_KIND
 from lorakit.quant.requantize import requantize
@@ -85,6 +85,7 @@ def merge_quantized(model: nn.Module, tokenizer: Any, adapter: Path, kind: str, 
                           "would count that difference twice; merge it --into dequantized or requantized")
     device = next(model.parameters()).device
     ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids.to(device)  # (1, T)
+    copies = dequantized_copies(model) if into != "original" else None  # before any forward: see dequantized_copies
     reference = _logits(model, ids)
     report: dict[str, Any] = {"adapter": str(adapter), "into": into, "probe_tokens": ids.shape[1]}
     if into == "original":
@@ -96,7 +97,7 @@ def merge_quantized(model: nn.Module, tokenizer: Any, adapter: Path, kind: str, 
         load_adapter(original, adapter, DEFAULT_NAME)
         merged = merge_and_unload(original)
     else:
-        originals = dequantize_bases(model)
+        originals = dequantize_bases(model, copies)
         merged = merge_and_unload(model)
         if into == "requantized":
             report["requantization"] = summary = _summary(requantize(merged, originals))
@@ -106,7 +107,7 @@ def merge_quantized(model: nn.Module, tokenizer: Any, adapter: Path, kind: str, 
                                      "of the codes changed in the median layer): the result is close to the base; "
                                      "keep the adapter separate or merge --into dequantized")
         else:
-            dequantize_linears(merged)
+            dequantize_linears(merged, copies)
     report["vs_unmerged"] = compare(_logits(merged, ids), reference)
     origin = f"merge of {adapter} into its {into} base"
     if into == "requantized":

@@ -11,10 +11,13 @@ kept. An adapter's wrapper gets the linear kind of its new base, so the core's e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from lorakit.core.kinds import kind_of
+from lorakit.core.layer import LoraLayer
 from lorakit.core.state import lora_layers
 from lorakit.errors import TargetError
 from lorakit.quant.model_quantization import replace_module
@@ -59,23 +62,40 @@ def dequantized_linear(module: nn.Module) -> nn.Linear:
     return linear.requires_grad_(False).train(module.training)
 
 
-def dequantize_bases(model: nn.Module) -> dict[str, nn.Module]:
-    """Replace each quantized base that a LoRA layer wraps by its :func:`dequantized_linear`; return the quantized
-    originals by module name."""
+def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantized linear of ``model`` by the name of the module that holds its place: the LoRA layer wrapping
+    it, or its own."""
+    found = {name: layer.base_layer for name, layer in lora_layers(model) if is_quantized_linear(layer.base_layer)}
+    found.update({name: module for name, module in model.named_modules()
+                  if is_quantized_linear(module) and not name.endswith(".base_layer")})
+    return found
+
+
+def dequantized_copies(model: nn.Module) -> dict[str, nn.Linear]:
+    """The :func:`dequantized_linear` of every quantized linear of ``model``, by the name of its place, leaving the
+    model as it is. Take them before the model runs in eval mode on a CPU with AVX-512 BF16, where bitsandbytes
+    repacks its 4-bit codes into a layout it offers no dequantization for."""
+    return {name: dequantized_linear(module) for name, module in _quantized_linears(model).items()}
+
+
+def dequantize_bases(model: nn.Module, copies: Mapping[str, nn.Linear] | None = None) -> dict[str, nn.Module]:
+    """Replace each quantized base that a LoRA layer wraps by its :func:`dequantized_linear` (or its entry in
+    ``copies``, from :func:`dequantized_copies`); return the quantized originals by module name."""
     originals = {}
     for module_name, layer in lora_layers(model):
         if is_quantized_linear(layer.base_layer):
             originals[module_name] = layer.base_layer
-            layer.base_layer = dequantized_linear(layer.base_layer)
-            layer.kind = kind_of(layer.base_layer, module_name)
+            linear = copies[module_name] if copies is not None else dequantized_linear(layer.base_layer)
+            layer.base_layer = linear
+            layer.kind = kind_of(linear, module_name)
     return originals
 
 
-def dequantize_linears(model: nn.Module) -> list[str]:
-    """Replace every quantized linear of ``model`` that no LoRA layer wraps by its :func:`dequantized_linear`;
-    return their names."""
-    names = [name for name, module in model.named_modules()
-             if is_quantized_linear(module) and not name.endswith(".base_layer")]
+def dequantize_linears(model: nn.Module, copies: Mapping[str, nn.Linear] | None = None) -> list[str]:
+    """Replace every quantized linear of ``model`` that no LoRA layer wraps by its :func:`dequantized_linear` (or its
+    entry in ``copies``); return their names."""
+    names = [name for name in _quantized_linears(model) if not isinstance(model.get_submodule(name), LoraLayer)]
     for name in names:
-        replace_module(model, name, dequantized_linear(model.get_submodule(name)))
+        linear = copies[name] if copies is not None else dequantized_linear(model.get_submodule(name))
+        replace_module(model, name, linear)
     return names

@@ -7,6 +7,9 @@ the quantized model (the file is read, not memory-mapped: :mod:`lorakit.io.strea
 ``nn.Linear`` but the output head is quantized, as QLoRA does; embeddings, norms and the head stay in full
 precision.
 
+``bnb-nf4`` and ``bnb-fp4`` are loaded by transformers itself with a ``BitsAndBytesConfig`` (bitsandbytes'
+``Linear4bit``), as users of QLoRA elsewhere load them.
+
 ``nf4`` bases are cached (:mod:`lorakit.quant.quantized_cache`), so later loads read the codes instead of
 quantizing again; ``int8`` is quantized on every load (a per-row absmax pass; bitsandbytes offers no public way
 to rebuild its layer from stored codes).
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lorakit.errors import ModelError
 from lorakit.io.base_quantization import register_base_loader
@@ -80,6 +83,8 @@ def load_quantized_base(name_or_path: str | os.PathLike[str], scheme: str = "nf4
         raise ModelError(f"--quantize needs the model's files on disk; {os.fspath(name_or_path)!r} is not a local "
                          "directory (hub ids are not downloaded)")
     files = weight_files(Path(source))
+    if chosen.transformers_config is not None:
+        return _load_by_transformers(source, name_or_path, chosen.transformers_config())
     model = causal_lm_skeleton(AutoConfig.from_pretrained(source))
     targets = quantizable_linears(model)
     cached = cache_path(files, chosen.name) if cache and chosen.cached else None
@@ -90,6 +95,18 @@ def load_quantized_base(name_or_path: str | os.PathLike[str], scheme: str = "nf4
                        total=sum(map(tensor_count, files)))
         if cached is not None:
             write_cache(model, cached, targets, source=source)
+    return finish_loading(model, load_tokenizer(source, name_or_path), source)
+
+
+def _load_by_transformers(source: str, name_or_path: str | os.PathLike[str],
+                          quantization_config: object) -> tuple[PreTrainedModel, object]:
+    """The model at ``source`` as transformers loads it under ``quantization_config`` (bitsandbytes quantizes
+    each weight as it is placed; the output head stays in full precision)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization_config,
+                                                     dtype=torch.float32, device_map="cpu", use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{os.fspath(name_or_path)!r}: transformers could not load it quantized ({error})") from None
     return finish_loading(model, load_tokenizer(source, name_or_path), source)
 
 
