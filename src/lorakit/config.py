@@ -163,6 +163,9 @@ class QuantizedInitConfig:
     """Most alternations per matrix (None: LQ-LoRA's 100, LoftQ's 1)."""
     grid: str = "small"
     """LQ-LoRA's candidate configs: small (8) or lq-lora (the paper's 288)."""
+    bit_chunks: int = 1
+    """LQ-LoRA: solve the bit allocation separately over this many consecutive groups of the adapted matrices,
+    each within the budget (smaller integer programs for large models, at a little more error)."""
 
     def __post_init__(self) -> None:
         _require(_is_finite_number(self.bits) and self.bits > 0, "bits", self.bits, "a positive number is required")
@@ -170,6 +173,8 @@ class QuantizedInitConfig:
                  "a non-negative integer is required")
         _require(self.iterations is None or (_is_int(self.iterations) and self.iterations > 0), "iterations",
                  self.iterations, "a positive integer or None is required")
+        _require(_is_int(self.bit_chunks) and self.bit_chunks >= 1, "bit_chunks", self.bit_chunks,
+                 "a positive integer is required")
         _require(self.grid in QUANTIZED_INIT_GRIDS, "grid", self.grid, f"one of {', '.join(QUANTIZED_INIT_GRIDS)}")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.init.lq_lora import SMALL_GRID, allocate, decompose, mixed_decompositions
+from lorakit.init.lq_lora import SMALL_GRID, allocate, allocate_in_chunks, decompose, mixed_decompositions
 from lorakit.quant import NFConfig, bits_per_parameter, quantize_nf
 
 NF3 = NFConfig(bits=3, block_size=64)
@@ -81,6 +81,30 @@ def test_the_allocation_is_the_brute_force_optimum_within_the_budget(budget):
     chosen = allocate(costs, bits, numels, budget)
     assert tuple(chosen) == brute_force(costs, bits, numels, budget)
     assert sum(bits[c] * n for c, n in zip(chosen, numels, strict=True)) <= budget * sum(numels)
+
+
+def test_chunked_allocation_keeps_each_chunk_within_the_budget_at_no_lower_cost():
+    bits = [2.0, 3.0, 4.0]
+    numels = [100, 300, 200, 100]
+    costs = [[9.0, 4.0, 1.0], [30.0, 12.0, 2.0], [1.0, 0.9, 0.8], [50.0, 10.0, 1.0]]
+    budget = 3.0
+    whole = allocate(costs, bits, numels, budget)
+    assert allocate_in_chunks(costs, bits, numels, budget, 1) == whole
+    chunked = allocate_in_chunks(costs, bits, numels, budget, 2)  # matrices 0-1, then 2-3
+    assert tuple(chunked[:2]) == brute_force(costs[:2], bits, numels[:2], budget)
+    assert tuple(chunked[2:]) == brute_force(costs[2:], bits, numels[2:], budget)
+    for first, last in ((0, 2), (2, 4)):
+        assert sum(bits[c] * n for c, n in zip(chunked[first:last], numels[first:last], strict=True)) <= (
+            budget * sum(numels[first:last]))
+    def total(chosen):
+        return sum(costs[i][c] for i, c in enumerate(chosen))
+    assert total(chunked) >= total(whole)
+
+
+@pytest.mark.parametrize(("chunks", "message"), [(0, "a positive integer is required"), (5, "use at most 4")])
+def test_an_impossible_chunk_count_is_refused(chunks, message):
+    with pytest.raises(ConfigError, match=message):
+        allocate_in_chunks([[1.0]] * 4, [2.0], [10] * 4, 2.0, chunks)
 
 
 def test_an_infeasible_budget_names_the_minimum():

@@ -10,6 +10,7 @@ import torch
 
 import lorakit
 from lorakit.config import QuantizedInitConfig, TrainConfig
+from lorakit.errors import ConfigError
 from lorakit.init.lq_lora import LOFTQ_CONFIG, decompose, estimate_fisher, init_loftq, init_lq_lora
 from lorakit.quant import NFLinear, bits_per_parameter, quantize_model
 from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE
@@ -45,6 +46,20 @@ def test_lq_lora_computes_q_plus_l1_l2_and_beats_plain_quantization():
     adapted_error = (logits(model, ids) - original).norm()
     assert adapted_error < 0.8 * (logits(plain, ids) - original).norm()
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+
+
+def test_chunked_allocation_keeps_every_chunk_of_matrices_within_the_budget():
+    decompositions = init_lq_lora(attached(), budget=2.75, chunks=3, progress=False)
+    names = list(decompositions)  # the adapter's modules in order: 6 matrices, chunks of 2
+    assert len(names) == 6
+    for chunk in (names[0:2], names[2:4], names[4:6]):
+        quantized = [decompositions[n].quantized for n in chunk]
+        used = sum(bits_per_parameter(q.config) * q.dequantize().numel() for q in quantized)
+        assert used <= 2.75 * sum(q.dequantize().numel() for q in quantized) * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="bit_chunks is 7, but the adapter has 6 matrices"):
+        init_lq_lora(attached(), budget=2.75, chunks=7, progress=False)
+    with pytest.raises(ConfigError, match="bit_chunks=0 is invalid"):
+        QuantizedInitConfig(bit_chunks=0)
 
 
 def test_loftq_equals_the_decomposition_run_directly():

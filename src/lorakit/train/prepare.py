@@ -144,7 +144,7 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
     attach(model, _placeholder(lora))
     if lora.init == "lq-lora":
         decompositions = init_lq_lora(model, budget=settings.bits, grid=CONFIG_GRIDS[settings.grid], fisher=fisher,
-                                      max_iterations=settings.iterations or 100)
+                                      max_iterations=settings.iterations or 100, chunks=settings.bit_chunks)
     else:
         decompositions = init_loftq(model, iterations=settings.iterations or 1)
     quantized = {name: d.quantized for name, d in decompositions.items()}

@@ -9,6 +9,11 @@ Sec. 3.2), as the 0/1 integer linear program
 where ``cost_ic`` is matrix i's squared (Fisher-weighted) decomposition error under config c and
 ``bits_c`` its bits per parameter (codes and both levels of scales). Solved with ``scipy.optimize.milp``
 (HiGHS), which proves the optimum.
+
+With ``chunks`` > 1 (:func:`allocate_in_chunks`, the paper's option for large models) the matrices, in order,
+are cut into that many consecutive groups and each group gets its own program under the same budget per
+parameter: smaller programs, each group within the budget (so the whole is), at a total cost no lower than the
+single program's.
 """
 
 from __future__ import annotations
@@ -55,3 +60,25 @@ def allocate(costs: Sequence[Sequence[float]], bits: Sequence[float], numels: Se
     if result.x is None:
         raise ConfigError(f"the bit allocation found no solution at {budget:g} bits per parameter ({result.message})")
     return [int(index) for index in result.x.reshape(matrices, configs).argmax(axis=1)]
+
+
+def check_chunks(chunks: int, matrices: int) -> None:
+    """Refuse a chunk count that is not a positive integer or exceeds the number of ``matrices``."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"bit_chunks is {chunks!r}; a positive integer is required")
+    if chunks > matrices:
+        raise ConfigError(f"bit_chunks is {chunks}, but the adapter has {matrices} matrices to allocate bits over; "
+                          f"use at most {matrices}")
+
+
+def allocate_in_chunks(costs: Sequence[Sequence[float]], bits: Sequence[float], numels: Sequence[int],
+                       budget: float, chunks: int) -> list[int]:
+    """:func:`allocate` over ``chunks`` consecutive groups of the matrices (as equal in count as they can be),
+    each within ``budget`` bits per parameter of its own parameters; ``chunks`` 1 is :func:`allocate` itself."""
+    matrices = len(numels)
+    check_chunks(chunks, matrices)
+    chosen: list[int] = []
+    for group in np.array_split(np.arange(matrices), chunks):
+        first, last = int(group[0]), int(group[-1]) + 1
+        chosen += allocate(costs[first:last], bits, numels[first:last], budget)
+    return chosen

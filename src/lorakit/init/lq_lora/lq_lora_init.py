@@ -47,16 +47,17 @@ def adapted_layers(model: nn.Module, name: str) -> dict[str, LoraLayer]:
 
 
 def init_lq_lora(model: nn.Module, name: str = "default", *, budget: float, grid: Sequence[NFConfig] = SMALL_GRID,
-                 fisher: Mapping[str, torch.Tensor] | None = None, max_iterations: int = 100,
+                 fisher: Mapping[str, torch.Tensor] | None = None, max_iterations: int = 100, chunks: int = 1,
                  progress: bool = True) -> dict[str, Decomposition]:
     """LQ-LoRA: decompose every base weight of adapter ``name`` under the config the bit allocation chose
-    (``budget`` bits per parameter over all of them, ``fisher`` by module name to weight the error), then
-    start from the decompositions (module docstring). Returns them by module name."""
+    (``budget`` bits per parameter over all of them, or over each of ``chunks`` consecutive groups; ``fisher`` by
+    module name to weight the error), then start from the decompositions (module docstring). Returns them by
+    module name."""
     layers = adapted_layers(model, name)
     weights = {module_name: layer.base_layer.weight for module_name, layer in layers.items()}
     ranks = {module_name: layer.adapters[name].rank for module_name, layer in layers.items()}
     decompositions = mixed_decompositions(weights, ranks, grid, budget, fisher=fisher, max_iterations=max_iterations,
-                                          progress=progress)
+                                          chunks=chunks, progress=progress)
     start_from(model, decompositions, name)
     return decompositions
 

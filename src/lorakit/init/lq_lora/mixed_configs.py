@@ -15,17 +15,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lorakit.init.lq_lora.allocation import allocate
+from lorakit.init.lq_lora.allocation import allocate_in_chunks, check_chunks
 from lorakit.init.lq_lora.decomposition import Decomposition, decompose
 from lorakit.quant.nf_config import NFConfig, bits_per_parameter
 
 
 def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig],
                          budget: float, *, fisher: Mapping[str, torch.Tensor] | None = None,
-                         max_iterations: int = 100, progress: bool = True) -> dict[str, Decomposition]:
+                         max_iterations: int = 100, chunks: int = 1, progress: bool = True) -> dict[str, Decomposition]:
     """Each weight (out, in) by name, decomposed at rank ``ranks[name]`` under the config the bit
-    allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter."""
+    allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter, allocated over
+    ``chunks`` consecutive groups of the weights (:func:`~lorakit.init.lq_lora.allocation.allocate_in_chunks`)."""
     names = list(weights)
+    check_chunks(chunks, len(names))  # before the sweep, which takes long
     costs = []  # (matrices, configs)
     with tqdm(total=len(names) * len(grid), disable=not progress, desc="lq-lora configs", unit="decomposition") as bar:
         for name in names:
@@ -34,7 +36,8 @@ def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str
                 row.append(_decompose(weights, ranks, name, config, fisher, max_iterations).error ** 2)
                 bar.update()
             costs.append(row)
-    chosen = allocate(costs, [bits_per_parameter(c) for c in grid], [weights[n].numel() for n in names], budget)
+    chosen = allocate_in_chunks(costs, [bits_per_parameter(c) for c in grid], [weights[n].numel() for n in names],
+                                budget, chunks)
     return {name: _decompose(weights, ranks, name, grid[index], fisher, max_iterations)
             for name, index in zip(names, chosen, strict=True)}
 
