@@ -6,8 +6,8 @@ from lorakit.init.lq_lora.config_grid import CONFIG_GRIDS, LQ_LORA_GRID, SMALL_G
 from lorakit.init.lq_lora.decomposition import Decomposition, decompose
 from lorakit.init.lq_lora.fisher import estimate_fisher
 from lorakit.init.lq_lora.lq_lora_init import LOFTQ_CONFIG, init_loftq, init_lq_lora, quantize_bases, start_from
-from lorakit.init.lq_lora.mixed_configs import mixed_decompositions
+from lorakit.init.lq_lora.mixed_configs import decomposition_costs, mixed_decompositions
 
 __all__ = ["CONFIG_GRIDS", "Decomposition", "LOFTQ_CONFIG", "LQ_LORA_GRID", "SMALL_GRID", "allocate",
-           "allocate_in_chunks", "config_grid", "decompose", "estimate_fisher", "init_loftq", "init_lq_lora",
-           "minimum_budget", "mixed_decompositions", "quantize_bases", "start_from"]
+           "allocate_in_chunks", "config_grid", "decompose", "decomposition_costs", "estimate_fisher", "init_loftq",
+           "init_lq_lora", "minimum_budget", "mixed_decompositions", "quantize_bases", "start_from"]

@@ -20,22 +20,36 @@ from lorakit.init.lq_lora.decomposition import Decomposition, decompose
 from lorakit.quant.nf_config import NFConfig, bits_per_parameter
 
 
-def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig],
-                         budget: float, *, fisher: Mapping[str, torch.Tensor] | None = None,
-                         max_iterations: int = 100, chunks: int = 1, progress: bool = True) -> dict[str, Decomposition]:
-    """Each weight (out, in) by name, decomposed at rank ``ranks[name]`` under the config the bit
-    allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter, allocated over
-    ``chunks`` consecutive groups of the weights (:func:`~lorakit.init.lq_lora.allocation.allocate_in_chunks`)."""
-    names = list(weights)
-    check_chunks(chunks, len(names))  # before the sweep, which takes long
+def decomposition_costs(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig], *,
+                        fisher: Mapping[str, torch.Tensor] | None = None, max_iterations: int = 100,
+                        progress: bool = True) -> list[list[float]]:
+    """``cost_ic``, the squared (Fisher-weighted) error of weight i decomposed under config c: (matrices, configs),
+    the weights in ``weights``' order. The sweep is the slow part; budgets can share one."""
     costs = []  # (matrices, configs)
-    with tqdm(total=len(names) * len(grid), disable=not progress, desc="lq-lora configs", unit="decomposition") as bar:
-        for name in names:
+    with tqdm(total=len(weights) * len(grid), disable=not progress, desc="lq-lora configs",
+              unit="decomposition") as bar:
+        for name in weights:
             row = []
             for config in grid:
                 row.append(_decompose(weights, ranks, name, config, fisher, max_iterations).error ** 2)
                 bar.update()
             costs.append(row)
+    return costs
+
+
+def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig],
+                         budget: float, *, fisher: Mapping[str, torch.Tensor] | None = None,
+                         max_iterations: int = 100, chunks: int = 1, costs: Sequence[Sequence[float]] | None = None,
+                         progress: bool = True) -> dict[str, Decomposition]:
+    """Each weight (out, in) by name, decomposed at rank ``ranks[name]`` under the config the bit
+    allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter, allocated over
+    ``chunks`` consecutive groups of the weights (:func:`~lorakit.init.lq_lora.allocation.allocate_in_chunks`);
+    ``costs`` from :func:`decomposition_costs` of the same arguments, when already computed."""
+    names = list(weights)
+    check_chunks(chunks, len(names))  # before the sweep, which takes long
+    if costs is None:
+        costs = decomposition_costs(weights, ranks, grid, fisher=fisher, max_iterations=max_iterations,
+                                    progress=progress)
     chosen = allocate_in_chunks(costs, [bits_per_parameter(c) for c in grid], [weights[n].numel() for n in names],
                                 budget, chunks)
     return {name: _decompose(weights, ranks, name, grid[index], fisher, max_iterations)
