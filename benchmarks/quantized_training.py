@@ -38,16 +38,25 @@ from common import emit, lm_training_step, saved_for_backward_bytes
 SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit", "int8")
 
 
-def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
+def model_bytes(model: torch.nn.Module) -> int:
+    """What the whole model's parameters and buffers occupy, each storage once (tied weights once)."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measure(system: str, steps: int, batch: int, tokens: int, base: str = "smollm2-135m") -> dict:
     """One system's weight bytes, saved-for-backward bytes, seconds per step and peak RSS."""
     from lorakit.optim.adamw_8bit import adamw_8bit, optimizer_state_bytes
     from lorakit.quant.quantized_loading import load_base
     torch.manual_seed(0)
-    model, _ = load_base("smollm2-135m", None if system == "fp32" else system.split("-")[0])
+    model, _ = load_base(base, None if system == "fp32" else system.split("-")[0])
     blocks = [m for name, m in model.named_modules() if ".layers." in name and not list(m.children())
               and ("Linear" in type(m).__name__)]
     weight_bytes = sum(t.numel() * t.element_size() for m in blocks for name, t in
                        [*m.named_parameters(), *m.named_buffers()] if name != "bias")
+    whole_bytes = model_bytes(model)
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear"))
     model.train()
     parameters = list(lorakit.trainable_parameters(model).values())
@@ -64,7 +73,8 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
         started = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - started)
-    return {"system": system, "linear_weight_bytes": weight_bytes, "saved_for_backward_bytes": saved,
+    return {"system": system, "linear_weight_bytes": weight_bytes, "model_bytes": whole_bytes,
+            "saved_for_backward_bytes": saved,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": statistics.median(seconds),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -75,10 +85,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--base", default="smollm2-135m", help=argparse.SUPPRESS)  # memory_scaling.py's model
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one subprocess's run
     args = parser.parse_args()
     if args.system:
-        print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens)))
+        print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens, args.base)))
         return
     from lorakit.quant.quantized_loading import load_base
     load_base("smollm2-135m", "nf4")  # the cached NF4 base, so that no measured run pays for quantizing
