@@ -8,7 +8,7 @@ import torch
 from lorakit.quant.code_packing import pack_codes, packed_size, unpack_codes
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])  # 2, 4, 8: the byte-wise unpacking; the rest: words
 @pytest.mark.parametrize("count", [1, 3, 7, 13, 64, 101])
 def test_round_trip_for_lengths_not_divisible_by_the_pack_or_block(bits, count):
     codes = torch.randint(0, 2 ** bits, (count,), dtype=torch.uint8, generator=torch.Generator().manual_seed(count))

@@ -6,9 +6,10 @@ share a byte (``c0 c0 c1 c1 c2 c2 c3 c3``), at 8 bits a byte is a code, and at 3
 share three bytes (``c0 c0 c0 c1 c1 c1 c2 c2 | c2 c3 ...``), a code crossing byte boundaries. Bits
 after the last code are zero.
 
-The stream is cut into chunks of ``lcm(k, 8)`` bits (``L = lcm(k, 8) / k`` codes in ``lcm(k, 8) / 8``
-bytes), each assembled in one int64 word. Every k-bit pattern is a code of the ``2^k``-entry code
-book, so packed bytes can never hold an out-of-range code.
+Unpacking at 2, 4 or 8 bits shifts and masks the bytes themselves (uint8, one pass: the path every forward
+of a 4-bit layer takes). Otherwise, and always when packing, the stream is cut into chunks of ``lcm(k, 8)`` bits
+(``L = lcm(k, 8) / k`` codes in ``lcm(k, 8) / 8`` bytes), each assembled in one int64 word. Every k-bit
+pattern is a code of the ``2^k``-entry code book, so packed bytes can never hold an out-of-range code.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` codes of ``packed`` (as :func:`pack_codes` wrote them), as uint8 of shape (count,)."""
+    if 8 % bits == 0:  # whole codes per byte (2, 4, 8 bits): shift the bytes themselves, no int64 words
+        shifts = torch.arange(8 - bits, -1, -bits, dtype=torch.uint8, device=packed.device)  # (8 / bits,)
+        return ((packed.reshape(-1)[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:count]
     code_shifts, byte_shifts = _shifts(bits)
     flat = packed.reshape(-1).long()
     chunks = F.pad(flat, (0, (-flat.numel()) % len(byte_shifts))).view(-1, len(byte_shifts))  # (chunks, lcm / 8)
