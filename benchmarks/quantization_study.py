@@ -39,6 +39,7 @@ from lorakit.data.offline_corpus import corpus_fingerprint, english_corpus
 from lorakit.eval.corpus_perplexity import corpus_ids, corpus_perplexity
 from lorakit.init.lq_lora import SMALL_GRID, decomposition_costs, init_loftq, mixed_decompositions, start_from
 from lorakit.init.lq_lora.lq_lora_init import adapted_layers
+from lorakit.models.skeleton import causal_lm_skeleton
 from lorakit.quant import NFLinear, bits_per_parameter, load_quantized_base
 from lorakit.quant.l4q import attach_l4q
 
@@ -137,10 +138,9 @@ def main() -> None:
         built = time.perf_counter() - started
         if linear_parameters is None:
             results["corpus"]["tokens"] = int(corpus_ids(tokenizer, documents).numel())
-            probe = lorakit.load_model()[0]
-            linear_parameters = sum(m.weight.numel() for n, m in probe.named_modules()
+            skeleton = causal_lm_skeleton(model.config)  # the unquantized shapes, on the meta device
+            linear_parameters = sum(m.weight.numel() for n, m in skeleton.named_modules()
                                     if ".layers." in n and isinstance(m, torch.nn.Linear))
-            del probe
         model.eval()
         started = time.perf_counter()
         measured = corpus_perplexity(model, tokenizer, documents, window=args.window)

@@ -246,6 +246,13 @@ def _registered_kind(module: nn.Module) -> type[LayerKind] | None:
     return None
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module``'s registered kind is :class:`QuantizedLinearKind` (a linear whose weight is stored
+    quantized: bitsandbytes' layers, lorakit's ``NFLinear``)."""
+    kind = _registered_kind(module)
+    return kind is not None and issubclass(kind, QuantizedLinearKind)
+
+
 def kind_of(module: nn.Module, name: str) -> LayerKind:
     """The :class:`LayerKind` of ``module`` (named ``name`` in errors); a :class:`TargetError` names an
     unsupported type and lists the known ones."""

@@ -51,19 +51,14 @@ def corpus_perplexity(model: nn.Module, tokenizer: Any, documents: Sequence[str]
     if ids.numel() < 2:
         raise ConfigError("the documents hold fewer than 2 tokens; there is nothing to predict")
     device = next(model.parameters()).device
-    windows = list(ids.split(window))
+    windows = list(ids.split(window))  # each (window,), the last maybe shorter
+    full, short = (windows, []) if windows[-1].numel() == window else (windows[:-1], [windows[-1:]])
+    batches = [full[start:start + batch_size] for start in range(0, len(full), batch_size)] + short
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="perplexity", unit="batch"):
-        chunk = windows[start:start + batch_size]
-        if chunk[-1].numel() != chunk[0].numel():  # the short last window goes alone
-            batches = [chunk[:-1], chunk[-1:]] if len(chunk) > 1 else [chunk]
-        else:
-            batches = [chunk]
-        for batch in batches:
-            inputs = torch.stack(batch).to(device)  # (b, w)
-            logits = model(input_ids=inputs).logits.float()  # (b, w, V)
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten(), reduction="sum")
-            total += float(losses)
-            count += inputs[:, 1:].numel()
+    for batch in tqdm(batches, disable=not progress, desc="perplexity", unit="batch"):
+        inputs = torch.stack(batch).to(device)  # (b, w)
+        logits = model(input_ids=inputs).logits.float()  # (b, w, V)
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten(), reduction="sum"))
+        count += inputs[:, 1:].numel()
     nll = total / count
     return CorpusPerplexity(perplexity=math.exp(nll), nll=nll, tokens=count)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.core.merge import merge_and_unload
-from lorakit.core.state import lora_layers
 from lorakit.errors import ConfigError
 from lorakit.io.directory_kinds import directory_kind
+from lorakit.io.metadata import read_metadata
 from lorakit.jobs.evaluate import load_directory
 from lorakit.jobs.quantized_merge import merge_quantized
-from lorakit.quant.dequantize import is_quantized_linear
+from lorakit.quant.quantized_adapter import QUANTIZED_ADAPTER_KIND
 from lorakit.train.output import save_model
 
 
@@ -25,13 +25,16 @@ def merge_into_model(adapter: str | Path, out: str | Path, *, base: str | None =
     introduces measured and written beside the model (:mod:`lorakit.jobs.quantized_merge`): that report is
     returned (None for an exact merge into a full-precision base)."""
     refuse_unmergeable(adapter, "lorakit merge")
-    loaded, tokenizer = load_directory(adapter, base)
-    out = Path(out)
-    if any(is_quantized_linear(layer.base_layer) for _, layer in lora_layers(loaded.model)):
-        return merge_quantized(loaded.model, tokenizer, Path(adapter), loaded.kind, out, into or "dequantized", base)
-    if into is not None:
+    metadata = read_metadata(Path(adapter))
+    quantized = metadata is not None and (metadata.base_quantization is not None
+                                          or metadata.kind == QUANTIZED_ADAPTER_KIND)
+    if into is not None and not quantized:  # refused before any model loads
         raise ConfigError(f"--into {into} is for adapters trained on a quantized base; {adapter} was trained on a "
                           "full-precision one, into which it merges exactly (drop --into)")
+    loaded, tokenizer = load_directory(adapter, base)
+    out = Path(out)
+    if quantized:
+        return merge_quantized(loaded.model, tokenizer, Path(adapter), loaded.kind, out, into or "dequantized", base)
     save_model(merge_and_unload(loaded.model), tokenizer, out, origin=f"merge of {adapter}")
     return None
 

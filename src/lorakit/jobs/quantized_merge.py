@@ -18,6 +18,7 @@ erased most of the update (small updates on a 4-bit grid mostly do). The report 
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,6 @@ def compare(found: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
             "top1_agreement": float(agree)}
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def _summary(errors: dict[str, Any]) -> dict[str, Any]:
     """The requantization errors of every layer, and their median and largest values."""
     per_layer = {name: {"weight_error": e.weight, "update_error": e.update, "codes_changed": e.codes_changed}
@@ -70,7 +67,7 @@ def _summary(errors: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"layers": len(errors)}
     for field in ("weight_error", "update_error", "codes_changed"):
         values = [entry[field] for entry in per_layer.values()]
-        summary.update({f"median_{field}": _median(values), f"max_{field}": max(values)})
+        summary.update({f"median_{field}": statistics.median(values), f"max_{field}": max(values)})
     return {**summary, "per_layer": per_layer}
 
 

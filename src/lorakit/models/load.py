@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lorakit.errors import ModelError
+from lorakit.io.metadata import read_metadata
 from lorakit.models import smollm2
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -87,13 +87,10 @@ def _refuse_other_lorakit_kind(path: Path, text: str) -> None:
     """Refuse a directory whose ``lorakit.json`` names a kind other than ``model``: ``from_pretrained`` would read
     its ``config.json`` and leave the layers lorakit stores elsewhere (an ``l4q-model``'s quantized linears)
     randomly initialised."""
-    try:
-        kind = json.loads((path / "lorakit.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return  # no lorakit.json, or one lorakit.load would refuse itself: from_pretrained decides
-    if isinstance(kind, str) and kind != "model":
-        raise ModelError(f"{text!r} holds a lorakit {kind!r} directory, not a base model; pass it as --adapter "
-                         f"(in Python: lorakit.load)")
+    metadata = read_metadata(path)
+    if metadata is not None and metadata.kind != "model":
+        raise ModelError(f"{text!r} holds a lorakit {metadata.kind!r} directory, not a base model; pass it as "
+                         f"--adapter (in Python: lorakit.load)")
 
 
 def _looks_like_path(text: str) -> bool:

@@ -16,19 +16,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lorakit.core.kinds import kind_of
+from lorakit.core.kinds import is_quantized_linear, kind_of
 from lorakit.core.layer import LoraLayer
 from lorakit.core.state import lora_layers
 from lorakit.errors import TargetError
 from lorakit.quant.model_quantization import replace_module
 from lorakit.quant.nf_linear import NFLinear
-
-BITSANDBYTES_LINEARS = ("Linear4bit", "Linear8bitLt")
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a quantized linear this module can dequantize."""
-    return isinstance(module, NFLinear) or type(module).__name__ in BITSANDBYTES_LINEARS
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -46,8 +39,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
             raise TargetError(f"this {name} holds its codes in bitsandbytes' AVX-512 CPU layout, which has no public "
                               "dequantization; load the model again and merge before running it in eval mode")
         return bnb_functional.dequantize_4bit(module.weight.data, state).float()
-    raise TargetError(f"a {name} is not a quantized linear lorakit can dequantize (NFLinear, "
-                      f"{', '.join(BITSANDBYTES_LINEARS)})")
+    raise TargetError(f"a {name} is not a quantized linear lorakit can dequantize (NFLinear, Linear4bit, "
+                      "Linear8bitLt)")
 
 
 def dequantized_linear(module: nn.Module) -> nn.Linear:

@@ -34,6 +34,7 @@ from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
 from lorakit.io.files import load_json, load_tensors, tensor_writer
 from lorakit.io.metadata import METADATA_FILE, metadata_writer
 from lorakit.models.atomic import build_atomically
+from lorakit.quant.model_quantization import replace_module
 
 MODEL_FILE = "model.safetensors"
 QUANTIZED_FILE = "quantized_linears.safetensors"
@@ -148,9 +149,8 @@ def _put_linears(model: nn.Module, stored: Mapping[str, StoredLayer], layer_type
             raise FormatError(f"{path}: tensor {layer.tensor!r} has shape {list(layer.shape)}, but the model's linear "
                               f"there is {list(shape)}")
     for name, layer in stored.items():
-        parent, _, child = name.rpartition(".")
         found = modules[name]
-        setattr(model.get_submodule(parent) if parent else model, child, layer.build(found).to(_device(found)))
+        replace_module(model, name, layer.build(found).to(_device(found)))
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], layers: QuantizedLayers, path: Path) -> None:

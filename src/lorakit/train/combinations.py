@@ -3,7 +3,7 @@
 :data:`_REFUSED` holds each refused pair with its reason (docs/METHODS.md shows the same table); full
 fine-tuning refuses every LoRA-factor method, and ALLoRA refuses dropout. Everything else combines:
 EVA with DyLoRA (EVA's components are ordered by explained variance, so they nest), any init with
-LoRA-Pro or ALLoRA, BA-LoRA with anything (runs whose base weights move, LoRA-GA and full
+LoRA-Pro or ALLoRA, BA-LoRA with anything but L4Q (runs whose base weights move, LoRA-GA and full
 fine-tuning, compare with a frozen copy of the model as the run starts). ALLoRA and CoDyRA are scaling-free:
 :func:`scale_free` sets ``alpha`` so that ``s = 1``.
 """
@@ -43,9 +43,9 @@ _QUANTIZING_INIT_REFUSALS = {
 }
 _REFUSED.update({("init", init, "method", method): reason for init in ("lq-lora", "loftq")
                  for method, reason in _QUANTIZING_INIT_REFUSALS.items()})
-_REFUSED.update({("init", init, "method", "l4q"): "L4Q quantizes W0 + s B A itself; its base must stay in full "
-                                                  "precision" for init in ("lq-lora", "loftq")})
 _REFUSED.update({
+    **{("init", init, "method", "l4q"): "L4Q quantizes W0 + s B A itself; its base must stay in full precision"
+       for init in ("lq-lora", "loftq")},
     ("optimizer", "lora-pro", "method", "l4q"): "LoRA-Pro's closed form is for W0 + s B A, not the quantization "
                                                 "grid L4Q trains B A through (with its step sizes beside them)",
     ("optimizer", "allora", "method", "l4q"): "ALLoRA's row-wise rates are for factor rows; L4Q also trains "

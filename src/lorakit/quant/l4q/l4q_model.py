@@ -19,11 +19,7 @@ from lorakit.errors import AdapterError, StateError
 from lorakit.quant.l4q.config import L4QConfig
 from lorakit.quant.l4q.l4q_linear import L4QLinear
 from lorakit.quant.l4q.uniform_linear import UniformQuantizedLinear
-
-
-def _replace(model: nn.Module, module_name: str, module: nn.Module) -> None:
-    parent_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+from lorakit.quant.model_quantization import replace_module
 
 
 def attach_l4q(model: nn.Module, name: str = "default", bits: int = 4, group_size: int = 128, *,
@@ -47,7 +43,7 @@ def attach_l4q(model: nn.Module, name: str = "default", bits: int = 4, group_siz
         raise StateError(f"adapter {name!r} was finalized already (its layers are quantized); nothing to attach")
     converted = {module_name: L4QLinear(layer, name, config, module_name) for module_name, layer in pending.items()}
     for module_name, module in converted.items():
-        _replace(model, module_name, module)
+        replace_module(model, module_name, module)
     return list(converted)
 
 
@@ -65,7 +61,7 @@ def finalize_l4q(model: nn.Module) -> list[str]:
         raise AdapterError(f"{type(model).__name__} holds no L4Q layers; call attach_l4q first")
     finalized = {module_name: layer.finalize() for module_name, layer in layers.items()}  # all checked first
     for module_name, module in finalized.items():
-        _replace(model, module_name, module)
+        replace_module(model, module_name, module)
     state = getattr(model, "lorakit_state", None)
     if state is not None:
         for adapter in {layer.name for layer in layers.values()}:
