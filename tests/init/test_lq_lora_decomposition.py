@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.init.lq_lora import SMALL_GRID, allocate, allocate_in_chunks, decompose, mixed_decompositions
+from lorakit.init.lq_lora import (
+    SMALL_GRID,
+    allocate,
+    allocate_in_chunks,
+    decompose,
+    mixed_configs,
+    mixed_decompositions,
+)
+from lorakit.init.lq_lora.cost_cache import costs_key, remembered_costs
 from lorakit.quant import NFConfig, bits_per_parameter, quantize_nf
 
 NF3 = NFConfig(bits=3, block_size=64)
@@ -122,3 +130,39 @@ def test_mixed_configs_meet_the_budget_and_give_the_important_matrix_more_bits()
     used = [bits_per_parameter(d.quantized.config) for d in chosen.values()]
     assert sum(used) / 2 <= budget
     assert chosen["large"].quantized.config.bits > chosen["small"].quantized.config.bits
+
+
+def _sweep_inputs(seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    weights = {"a": torch.randn(32, 64, generator=generator), "b": torch.randn(64, 32, generator=generator)}
+    return weights, {"a": 2, "b": 2}
+
+
+def test_the_cost_sweep_is_remembered_and_reused_for_another_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    weights, ranks = _sweep_inputs()
+    first = mixed_decompositions(weights, ranks, SMALL_GRID, 4.0, max_iterations=2, progress=False)
+    stored = list((tmp_path / "lq-lora-costs").glob("*.json"))
+    assert len(stored) == 1
+    swept = []
+    monkeypatch.setattr(mixed_configs, "decomposition_costs", lambda *a, **k: swept.append(1) or [])
+    again = mixed_decompositions(weights, ranks, SMALL_GRID, 3.0, max_iterations=2, progress=False)
+    assert not swept  # the remembered table served the second budget
+    assert [d.quantized.config for d in first.values()] != [d.quantized.config for d in again.values()]
+
+
+def test_a_remembered_sweep_is_keyed_by_every_input_and_a_corrupt_one_is_recomputed(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    weights, ranks = _sweep_inputs()
+    key = costs_key(weights, ranks, SMALL_GRID, None, 2)
+    changed = {**weights, "b": weights["b"] + 1e-6}
+    assert key != costs_key(changed, ranks, SMALL_GRID, None, 2)
+    assert key != costs_key(weights, {**ranks, "b": 3}, SMALL_GRID, None, 2)
+    assert key != costs_key(weights, ranks, SMALL_GRID[:4], None, 2)
+    assert key != costs_key(weights, ranks, SMALL_GRID, None, 3)
+    assert key != costs_key(weights, ranks, SMALL_GRID, {n: torch.ones_like(w) for n, w in weights.items()}, 2)
+    path = tmp_path / "lq-lora-costs" / f"{key}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("[[1.0, NaN]]")
+    assert remembered_costs(key, 2, 2, lambda: [[1, 2], [3, 4]]) == [[1.0, 2.0], [3.0, 4.0]]
+    assert remembered_costs(key, 2, 2, lambda: pytest.fail("the stored table should serve")) == [[1.0, 2.0], [3.0, 4.0]]

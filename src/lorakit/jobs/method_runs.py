@@ -49,6 +49,15 @@ PRESETS: dict[str, MethodPreset] = {
     "ba-lora": MethodPreset("BA-LoRA regularisers against the original model", ("--regularizer", "ba-lora")),
     "codyra": MethodPreset("CoDyRA: gated ranks, soft-thresholded, pruned", ("--method", "codyra")),
     "mixlora": MethodPreset("MixLoRA: 8 LoRA experts per FFN, top-2 routing", ("--method", "mixlora")),
+    "qlora-nf4": MethodPreset("QLoRA: LoRA on the base quantized to NF4 (blocks of 64, 8-bit scales)",
+                              ("--quantize", "nf4")),
+    "loftq": MethodPreset("LoftQ: NF4 base and adapter from W ~= Q + L1 L2 (1 alternation)", ("--init", "loftq")),
+    **{f"lq-lora-{bits:g}": MethodPreset(f"LQ-LoRA at {bits:g} bits per parameter (small grid, 10 alternations)",
+                                         ("--init", "lq-lora", "--bits", f"{bits:g}", "--quant-iterations", "10"))
+       for bits in (4.0, 3.0, 2.75, 2.5)},
+    **{f"l4q-{bits}": MethodPreset(f"L4Q: quantization-aware LoRA, one {bits}-bit model (groups of 128)",
+                                   ("--method", "l4q", "--option", f"l4q_bits={bits}"))
+       for bits in (4, 3)},
 }
 DEFAULT_METHODS = ("lora", "rslora", "lora-ga", "eva", "dylora", "lora-pro", "allora", "ba-lora")
 

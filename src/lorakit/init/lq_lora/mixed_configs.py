@@ -5,7 +5,8 @@ For matrix i and config c, ``cost_ic = ||sqrt(F_i) * (W_i - L1 L2 - Q)||_F^2`` a
 :func:`~lorakit.init.lq_lora.decomposition.decompose` and ``storage_ic = bits_per_parameter(c) numel_i``;
 :func:`~lorakit.init.lq_lora.allocation.allocate` picks the configs. Only the costs are kept during the
 sweep; the chosen decompositions are computed once more (deterministically), so memory never holds more
-than one candidate per matrix. Time: ``(configs + 1) x matrices`` decompositions.
+than one candidate per matrix. Time: ``(configs + 1) x matrices`` decompositions, or ``matrices`` when the same
+sweep was made before (:mod:`~lorakit.init.lq_lora.cost_cache` remembers it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.init.lq_lora.allocation import allocate_in_chunks, check_chunks
+from lorakit.init.lq_lora.cost_cache import costs_key, remembered_costs
 from lorakit.init.lq_lora.decomposition import Decomposition, decompose
 from lorakit.quant.nf_config import NFConfig, bits_per_parameter
 
@@ -44,12 +46,14 @@ def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str
     """Each weight (out, in) by name, decomposed at rank ``ranks[name]`` under the config the bit
     allocation chose for it (``decomposition.quantized.config``); ``budget`` in bits per parameter, allocated over
     ``chunks`` consecutive groups of the weights (:func:`~lorakit.init.lq_lora.allocation.allocate_in_chunks`);
-    ``costs`` from :func:`decomposition_costs` of the same arguments, when already computed."""
+    ``costs`` from :func:`decomposition_costs` of the same arguments, when already computed (otherwise a sweep
+    remembered from an earlier call with the same inputs, or a new one)."""
     names = list(weights)
     check_chunks(chunks, len(names))  # before the sweep, which takes long
     if costs is None:
-        costs = decomposition_costs(weights, ranks, grid, fisher=fisher, max_iterations=max_iterations,
-                                    progress=progress)
+        costs = remembered_costs(costs_key(weights, ranks, grid, fisher, max_iterations), len(names), len(grid),
+                                 lambda: decomposition_costs(weights, ranks, grid, fisher=fisher,
+                                                             max_iterations=max_iterations, progress=progress))
     chosen = allocate_in_chunks(costs, [bits_per_parameter(c) for c in grid], [weights[n].numel() for n in names],
                                 budget, chunks)
     return {name: _decompose(weights, ranks, name, grid[index], fisher, max_iterations)
