@@ -221,6 +221,9 @@ class TrainConfig:
     """Render prompts with the tokenizer's chat template; ``None``: when it has one."""
     full: bool = False
     """Full fine-tuning: every parameter of the model trains (a baseline for LoRA)."""
+    fsdp: bool = False
+    """Under torchrun: shard the model across the ranks with FSDP2, block by block (bases that do not fit one
+    device); the result is the same as without."""
     optimizer: str = "adamw"
     """The optimizer, by its name in :mod:`lorakit.train.components` (the trainer checks it)."""
     method: str = "lora"
@@ -264,11 +267,12 @@ class TrainConfig:
         _require(self.warmup_steps is None or (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0),
                  "warmup_steps", self.warmup_steps, "a non-negative integer or None")
 
-    def total_steps(self, n_examples: int) -> int:
-        """The number of optimizer steps for ``n_examples`` training examples."""
+    def total_steps(self, n_examples: int, ranks: int = 1) -> int:
+        """The number of optimizer steps for ``n_examples`` training examples (on ``ranks`` data-parallel
+        processes, each taking ``grad_accum`` micro-batches a step)."""
         if self.epochs is None:
             return self.steps if self.steps is not None else 100
-        per_epoch = math.ceil(n_examples / self.batch_size) / self.grad_accum
+        per_epoch = math.ceil(n_examples / self.batch_size) / (self.grad_accum * ranks)
         return max(1, math.ceil(per_epoch * self.epochs))
 
     def warmup_for(self, total_steps: int) -> int:

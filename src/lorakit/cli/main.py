@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(demo_commands.with_default_demo(sys.argv[1:] if argv is None else argv))
+    argv = demo_commands.with_default_demo(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # the command as given (lorakit train --nproc runs it again under torchrun)
     try:
         args.handler(args)
     except LorakitError as err:

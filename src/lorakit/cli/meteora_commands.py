@@ -8,6 +8,7 @@ import json
 
 from lorakit.cli.common import MIXTURE_TRAIN, TASK_EVAL_N, command, command_group, example_count
 from lorakit.cli.flags import ConfigFlags
+from lorakit.cli.torchrun_launch import train_in_process_group
 from lorakit.cli.values import named_values
 from lorakit.errors import ConfigError
 from lorakit.jobs.meteora_mixture import evaluate_meteora, evaluate_meteora_composite, train_meteora
@@ -18,10 +19,9 @@ COMPOSITE_N = 50
 
 
 def _train(args: argparse.Namespace) -> None:
-    result = train_meteora(args.data, args.out, named_values(args.adapter, "--adapter"), base=args.base,
-                           meteora=METEORA.build(args), config=MIXTURE_TRAIN.build(args), n=args.n,
-                           overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps(result.summary()))
+    train_in_process_group(lambda progress: train_meteora(
+        args.data, args.out, named_values(args.adapter, "--adapter"), base=args.base, meteora=METEORA.build(args),
+        config=MIXTURE_TRAIN.build(args), n=args.n, overwrite=args.overwrite, progress=progress), quiet=args.quiet)
 
 
 def _eval(args: argparse.Namespace) -> None:

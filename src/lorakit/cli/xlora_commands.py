@@ -7,6 +7,7 @@ import json
 
 from lorakit.cli.common import MIXTURE_TRAIN, TASK_EVAL_N, command, command_group, example_count
 from lorakit.cli.flags import ConfigFlags
+from lorakit.cli.torchrun_launch import train_in_process_group
 from lorakit.cli.values import named_values
 from lorakit.data.source import load_examples
 from lorakit.errors import LorakitError
@@ -21,16 +22,17 @@ XLORA = ConfigFlags(XLoraConfig, spellings={"layerwise_scalings": "--layerwise",
 
 
 def _train(args: argparse.Namespace) -> None:
-    if args.resume:
-        result = resume_xlora(args.resume, progress=not args.quiet)
-    else:
-        if not args.data or not args.out:
-            raise LorakitError("lorakit xlora train needs --expert NAME=DIR ..., --data and --out (or --resume DIR)")
-        result = train_xlora(args.data, args.out, named_values(args.expert or [], "--expert"), base=args.base,
-                             xlora=XLORA.build(args), config=MIXTURE_TRAIN.build(args), n=args.n,
-                             eval_data=args.eval_data, bundle=args.bundle, overwrite=args.overwrite,
-                             progress=not args.quiet)
-    print(json.dumps(result.summary()))
+    if not args.resume and (not args.data or not args.out):
+        raise LorakitError("lorakit xlora train needs --expert NAME=DIR ..., --data and --out (or --resume DIR)")
+
+    def run(progress: bool):
+        if args.resume:
+            return resume_xlora(args.resume, progress=progress)
+        return train_xlora(args.data, args.out, named_values(args.expert or [], "--expert"), base=args.base,
+                           xlora=XLORA.build(args), config=MIXTURE_TRAIN.build(args), n=args.n,
+                           eval_data=args.eval_data, bundle=args.bundle, overwrite=args.overwrite, progress=progress)
+
+    train_in_process_group(run, quiet=args.quiet)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -159,12 +159,18 @@ class Batches:
 
         To resume after a batch, save ``position.following(len(batches))`` and pass it back.
         """
+        for position, indices in self.positions(start):
+            yield position, self.collate([self.items[i] for i in indices])
+
+    def positions(self, start: Position | None = None) -> Iterator[tuple[Position, list[int]]]:
+        """Endless ``(position, indices into items)`` pairs from ``start``, as :meth:`stream` but not collated (for
+        a process that batches only some of them)."""
         position = start or Position()
         if position.batch >= len(self):
             raise DataError(f"{position} is past the end of an epoch of {len(self)} batches")
         while True:
-            for offset, batch in enumerate(self.epoch(position.epoch, start=position.batch)):
-                yield Position(epoch=position.epoch, batch=position.batch + offset), batch
+            for offset, indices in enumerate(self.order(position.epoch)[position.batch:]):
+                yield Position(epoch=position.epoch, batch=position.batch + offset), indices
             position = Position(epoch=position.epoch + 1, batch=0)
 
     def collate(self, items: Sequence[Encoded] | Sequence[Pack]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from lorakit.quant.base_schemes import base_scheme
 from lorakit.quant.quantized_loading import load_base
 from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.components import check_components
+from lorakit.train.distributed import barrier, current_ranks
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.prepare import PreparedAdapter, prepare_adapter
 
@@ -64,13 +65,14 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     check_quantize(quantize, lora, config)
     if not resume:
         check_fresh(out, overwrite)
+    barrier()  # every rank has checked the directory before rank 0 writes into it
     model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
         prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume,
                                    quantized_init=quantized_init)
-    if not resume:
+    if not resume and current_ranks().main:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config),
                                        quantized_init=dataclasses.asdict(quantized_init), quantize=quantize))
@@ -92,15 +94,19 @@ def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = 
     from lorakit.train.multi import check_multi_config, train_adapters
     out = Path(out)
     check_multi_config(config)
+    if config.fsdp:
+        raise ConfigError("--fsdp trains one adapter: FSDP2 gives an adapter that no row of a step reaches a zero "
+                          "gradient, and AdamW would still move it; train several adapters data-parallel instead")
     check_quantize(quantize, lora, config)
     examples = {name: load_examples(data, split="train", n=n) for name, data in datasets.items()}
     if not resume:
         check_fresh(out, overwrite)
+    barrier()
     model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)
     for name in datasets:
         attach(model, lora, name, activate=False)
-    if not resume:
+    if not resume and current_ranks().main:
         save_json(out / RUN_FILE, dict(base=base, datasets=datasets, n=n, lora=dataclasses.asdict(lora),
                                        config=dataclasses.asdict(config), quantize=quantize))
     return train_adapters(model, tokenizer, examples, config, out_dir=out, resume=out if resume else None,
@@ -120,6 +126,9 @@ def check_quantize(quantize: str | None, lora: LoraConfig, config: TrainConfig) 
         raise ConfigError(f"--init {lora.init} quantizes the base itself (its own bits); drop --quantize {quantize}")
     if config.method == "l4q":
         raise ConfigError(f"--method l4q quantizes W0 + s B A itself (--option l4q_bits); drop --quantize {quantize}")
+    if config.fsdp:
+        raise ConfigError(f"--fsdp shards parameters, and --quantize {quantize} keeps the base as quantized codes, "
+                          "which FSDP2 does not shard; each rank holds its own quantized copy without --fsdp")
 
 
 def check_fresh(out: Path, overwrite: bool) -> None:
@@ -129,13 +138,16 @@ def check_fresh(out: Path, overwrite: bool) -> None:
                           "or another --out")
 
 
-def resume_finetune(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
-    """Continue the interrupted run in ``run_dir`` from its newest checkpoint, with its own settings."""
+def resume_finetune(run_dir: str | Path, *, progress: bool = True, grad_accum: int | None = None) -> TrainResult:
+    """Continue the interrupted run in ``run_dir`` from its newest checkpoint, with its own settings; ``grad_accum``
+    replaces the run's where it resumes on another number of ranks with the same global batch."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no {RUN_FILE}; it is not a lorakit training run")
     args = json.loads(path.read_text())
+    if grad_accum is not None:
+        args["config"]["grad_accum"] = grad_accum
     if "datasets" in args:
         return finetune_adapters(args["datasets"], run_dir, base=args["base"], lora=_lora_from_dict(args),
                                  config=TrainConfig(**args["config"]), n=args["n"], progress=progress, resume=True,

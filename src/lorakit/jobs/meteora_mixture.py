@@ -29,6 +29,7 @@ from lorakit.mixtures.meteora.model import MeteoraModel
 from lorakit.mixtures.meteora.storage import METEORA_KIND, save_meteora
 from lorakit.mixtures.meteora.task_loss import MeteoraTaskLoss
 from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.train.distributed import barrier
 from lorakit.train.loop import TrainResult, train
 
 RUN_FILE = "meteora_run.json"
@@ -49,6 +50,7 @@ def train_meteora(data: str, out: str | Path, adapters: Mapping[str, str | Path]
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass overwrite or choose another directory")
+    barrier()  # every rank has checked the directory before rank 0 writes into it
     examples = load_examples(data, split="train", n=n)
     unknown = sorted({e.task for e in examples if e.task is not None} - set(adapters))
     if unknown or all(e.task is None for e in examples):

@@ -23,6 +23,7 @@ from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
 from lorakit.mixtures.xlora.storage import XLORA_KIND, save_xlora
 from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.train.distributed import barrier, current_ranks
 from lorakit.train.loop import TrainResult, train
 
 RUN_FILE = "xlora_run.json"
@@ -49,9 +50,10 @@ def train_xlora(data: str, out: str | Path, experts: Mapping[str, str | Path], *
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=64) if eval_data else None
     model, tokenizer = build_xlora(experts, base=base, config=xlora, seed=config.seed)
-    if not resume:
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise ConfigError(f"{out} is not empty; resume its run, pass overwrite, or choose another directory")
+    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty; resume its run, pass overwrite, or choose another directory")
+    barrier()  # every rank has checked the directory before rank 0 writes into it
+    if not resume and current_ranks().main:
         save_json(out / RUN_FILE, {"data": data, "experts": [[k, str(Path(v).resolve())] for k, v in experts.items()],
                                    "base": base, "xlora": dataclasses.asdict(xlora),
                                    "config": dataclasses.asdict(config), "n": n, "eval_data": eval_data,

@@ -22,6 +22,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from lorakit.core.activation import mixed_batch
 from lorakit.core.layer import LoraLayer
@@ -83,8 +84,8 @@ def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
 
 def _body_and_head(model: nn.Module, per_row: bool) -> tuple[nn.Module, nn.Module] | None:
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in HEAD_ON_LAST_HIDDEN:
-        return None
+    if getattr(config, "model_type", None) not in HEAD_ON_LAST_HIDDEN or isinstance(model, FSDPModule):
+        return None  # FSDP gathers the root's weights (embeddings, head) in the root's own forward only
     head, body = model.get_output_embeddings(), getattr(model, "base_model", model)
     if head is None or body is model or (per_row and isinstance(head, LoraLayer)):
         return None  # a per-row adapter on the head needs the batch's rows: the full path keeps them

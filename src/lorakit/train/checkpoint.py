@@ -5,8 +5,13 @@ A checkpoint is a directory ``checkpoints/step-N`` written atomically (built bes
 optimizer's tensor state, keys ``state.<param index>.<name>``), ``rng.safetensors`` (torch's
 generator states), ``components.safetensors`` (the training components' ``state_dict``, keys
 ``<component index>.<name>``, when any component has state) and ``state.json`` (step, data position,
-optimizer hyper-parameters and scalars, Python's random state, the training config). Restoring all of
-it makes a resumed run continue exactly as an uninterrupted one would.
+optimizer hyper-parameters and scalars, Python's random state, the training config, the number of ranks).
+Restoring all of it makes a resumed run continue exactly as an uninterrupted one would.
+
+A distributed run's checkpoint is rank 0's (the ranks hold the same parameters and optimizer state) with every
+rank's torch generator (``torch.rank<r>`` in ``rng.safetensors``), and every rank resumes from it. Resuming with
+another number of ranks is refused unless the step keeps the same micro-batches (``grad_accum x ranks``, at the
+same ``batch_size``), which then come in the same order.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lorakit.errors import FormatError
 from lorakit.io.files import load_json, load_tensors
 from lorakit.methods.component import TrainingComponent
 from lorakit.models.atomic import build_atomically
+from lorakit.train.distributed import LONE, Ranks
+from lorakit.train.sharding import full_tensor, shaped_like
 
 CHECKPOINTS = "checkpoints"
 COMPONENTS_FILE = "components.safetensors"
@@ -44,8 +51,8 @@ class Resumption:
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's state as tensors and JSON scalars; an entry that is itself a dict (bitsandbytes keeps its
-    quantization state so) is stored one level down, as ``key/inner``."""
+    """The optimizer's state as whole tensors (sharded ones gathered) and JSON scalars; an entry that is itself a
+    dict (bitsandbytes keeps its quantization state so) is stored one level down, as ``key/inner``."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
@@ -54,7 +61,7 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
         flat.update({key: value for key, value in entries.items() if not isinstance(value, dict)})
         for key, value in flat.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -62,6 +69,7 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's indices
 
     def put(index: str, name: str, value: Any) -> None:
         entries = state.setdefault(int(index), {})
@@ -73,7 +81,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        put(index, name, value)
+        parameter = parameters[int(index)]
+        put(index, name, shaped_like(value, parameter) if value.shape == parameter.shape else value)
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
         put(index, name, value)
@@ -81,35 +90,43 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_tensors(rank_states: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     tensors = {"torch": torch.get_rng_state()}
+    if len(rank_states) > 1:
+        tensors.update({f"torch.rank{rank}": state for rank, state in enumerate(rank_states)})
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{index}"] = cuda_state
     return tensors
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, where: Resumption,
-                    config: Any, keep: int, components: Sequence[TrainingComponent] = ()) -> Path:
-    """Write the checkpoint for ``where`` under ``run_dir/checkpoints`` and keep the newest ``keep``."""
+def save_checkpoint(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, where: Resumption,
+                    config: Any, keep: int, components: Sequence[TrainingComponent] = (),
+                    rank_states: Sequence[torch.Tensor] = ()) -> Path | None:
+    """Write the checkpoint for ``where`` under ``run_dir/checkpoints`` and keep the newest ``keep``;
+    ``rank_states``: every rank's torch generator state, in a distributed run. With a sharded model every rank
+    calls it, to gather the tensors; those that do not write pass ``run_dir=None`` (and get None back)."""
     component_state = {f"{index}.{key}": value.detach().cpu().contiguous()
                        for index, component in enumerate(components) for key, value in component.state_dict().items()}
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     optimizer_tensors, optimizer_meta = _optimizer_parts(optimizer)
+    if run_dir is None:
+        return None
+    target = run_dir / CHECKPOINTS / f"{_PREFIX}{where.step}"
     python_state = random.getstate()
     meta = {"step": where.step, "data": dataclasses.asdict(where.data), "optimizer": optimizer_meta,
             "python_random": [python_state[0], list(python_state[1]), python_state[2]],
-            "config": dataclasses.asdict(config)}
+            "config": dataclasses.asdict(config), "ranks": max(1, len(rank_states))}
 
     def build(directory: Path) -> None:
         save_file(trainable, str(directory / "trainable.safetensors"))
         save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
-        save_file(_rng_tensors(), str(directory / "rng.safetensors"))
+        save_file(_rng_tensors(rank_states), str(directory / "rng.safetensors"))
         if component_state:
             save_file(component_state, str(directory / COMPONENTS_FILE))
         (directory / "state.json").write_text(json.dumps(meta, indent=1))
 
-    target = build_atomically(run_dir / CHECKPOINTS / f"{_PREFIX}{where.step}", build)
+    build_atomically(target, build)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -134,12 +151,22 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-# Settings that only say how often to report or save: they may change when a run resumes.
-_FREE_ON_RESUME = {"eval_every", "save_every", "keep_checkpoints", "log_every"}
+# Settings that only say how often to report or save, or how the model is laid out: they may change on resume.
+_FREE_ON_RESUME = {"eval_every", "save_every", "keep_checkpoints", "log_every", "fsdp"}
 
 
-def _check_same_run(saved: dict[str, Any], config: Any, checkpoint: Path) -> None:
+def _check_same_run(saved: dict[str, Any], config: Any, checkpoint: Path, saved_ranks: int, ranks: int) -> None:
     current = dataclasses.asdict(config)
+    if saved_ranks != ranks:
+        step = saved.get("grad_accum", 1) * saved_ranks
+        if current.get("grad_accum", 1) * ranks != step:
+            raise FormatError(
+                f"{checkpoint}: the run trained on {saved_ranks} rank(s) with grad_accum={saved.get('grad_accum', 1)}, "
+                f"{step} micro-batches of {saved.get('batch_size')} per step; on {ranks} rank(s) that global batch "
+                + (f"needs grad_accum={step // ranks} (resume with --grad-accum {step // ranks})" if step % ranks == 0
+                   else f"is not a whole grad_accum: resume on a number of ranks that divides {step}")
+                + "; otherwise the resumed steps would train on other batches than the run's")
+        current = {**current, "grad_accum": saved.get("grad_accum", 1)}
     changed = sorted(k for k in current if k not in _FREE_ON_RESUME and saved.get(k) != current[k])
     if changed:
         key = changed[0]
@@ -158,12 +185,14 @@ def _restore_components(checkpoint: Path, components: Sequence[TrainingComponent
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any,
-                    components: Sequence[TrainingComponent] = ()) -> Resumption:
-    """Restore parameters, optimizer, components and random states from ``checkpoint``; return where it stood.
+                    components: Sequence[TrainingComponent] = (), ranks: Ranks = LONE) -> Resumption:
+    """Restore parameters, optimizer, components and random states (this rank's, where the checkpoint has every
+    rank's) from ``checkpoint``; return where it stood.
 
-    ``config`` must agree with the run's saved one except in how often it logs, evaluates and saves."""
+    ``config`` must agree with the run's saved one except in how often it logs, evaluates and saves, and in
+    ``grad_accum`` where the number of ranks changed and the global batch did not (module docstring)."""
     meta = load_json(checkpoint / "state.json")
-    _check_same_run(meta.get("config", {}), config, checkpoint)
+    _check_same_run(meta.get("config", {}), config, checkpoint, meta.get("ranks", 1), ranks.world)
     trainable = load_tensors(checkpoint / "trainable.safetensors")
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(parameters):
@@ -174,11 +203,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
             if parameter.shape != trainable[name].shape:
                 raise FormatError(f"{checkpoint}: tensor {name!r} has shape {tuple(trainable[name].shape)}, "
                                   f"the model needs {tuple(parameter.shape)}")
-            parameter.copy_(trainable[name])
+            parameter.copy_(shaped_like(trainable[name], parameter))
     _restore_optimizer(optimizer, load_tensors(checkpoint / "optimizer.safetensors"), meta["optimizer"])
     _restore_components(checkpoint, components)
     rng = load_tensors(checkpoint / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng.get(f"torch.rank{ranks.rank}", rng["torch"]))
     cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)

@@ -5,7 +5,8 @@ fine-tuning refuses every LoRA-factor method, and ALLoRA refuses dropout. Everyt
 EVA with DyLoRA (EVA's components are ordered by explained variance, so they nest), any init with
 LoRA-Pro or ALLoRA, BA-LoRA with anything but L4Q (runs whose base weights move, LoRA-GA and full
 fine-tuning, compare with a frozen copy of the model as the run starts). ALLoRA and CoDyRA are scaling-free:
-:func:`scale_free` sets ``alpha`` so that ``s = 1``.
+:func:`scale_free` sets ``alpha`` so that ``s = 1``. ``--fsdp`` takes AdamW and plain LoRA (any init that does not
+quantize), which step shard by shard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from lorakit.config import LoraConfig, TrainConfig
+from lorakit.config import QUANTIZING_INITS, LoraConfig, TrainConfig
 from lorakit.errors import ConfigError
 
 _REFUSED = {
@@ -68,6 +69,27 @@ def check_combination(lora: LoraConfig, config: TrainConfig) -> None:
             raise ConfigError(f"{kind_a}={name_a!r} does not combine with {kind_b}={name_b!r}: {reason}")
     if config.optimizer == "allora" and lora.dropout > 0:
         raise ConfigError(f"optimizer='allora' is dropout-free by definition; got dropout={lora.dropout}")
+    if config.fsdp:
+        _check_sharded(lora, config)
+
+
+FSDP_OPTIMIZERS = ("adamw",)
+"""Optimizers that step sharded parameters shard by shard (the others read whole factors)."""
+
+
+def _check_sharded(lora: LoraConfig, config: TrainConfig) -> None:
+    """Refuse what ``--fsdp`` cannot shard: components that read or replace whole factors between steps, and
+    bases that quantize."""
+    if config.optimizer not in FSDP_OPTIMIZERS:
+        raise ConfigError(f"--fsdp steps sharded parameters shard by shard, and optimizer={config.optimizer!r} "
+                          "works on whole factors; use adamw with --fsdp, or train without --fsdp")
+    if config.method != "lora" or config.regularizer is not None:
+        chosen = f"method={config.method!r}" if config.method != "lora" else f"regularizer={config.regularizer!r}"
+        raise ConfigError(f"--fsdp shards every parameter between steps, and {chosen} reads or replaces whole "
+                          "factors there; train it without --fsdp (data-parallel)")
+    if lora.init in QUANTIZING_INITS:
+        raise ConfigError(f"--fsdp shards parameters, and --init {lora.init} makes the base quantized codes, "
+                          "which FSDP2 does not shard; train it without --fsdp")
 
 
 def scale_free(lora: LoraConfig) -> LoraConfig:

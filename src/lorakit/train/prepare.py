@@ -46,6 +46,7 @@ from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE, quantize_bases
 from lorakit.quant.quantized_files import load_quantized, save_quantized
 from lorakit.quant.quantized_tensor import NFTensor
 from lorakit.train.components import method_options
+from lorakit.train.distributed import current_ranks
 
 LORA_GA_FILE = "lora_ga_init.safetensors"
 ESTIMATE_BATCHES = 8
@@ -125,7 +126,8 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
         grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora)
         attach(model, _placeholder(lora))
         start = init_lora_ga(model, grads)
-        start.save(run_dir / LORA_GA_FILE)
+        if current_ranks().main:  # every rank computed the same start; rank 0 keeps it
+            start.save(run_dir / LORA_GA_FILE)
     return PreparedAdapter(lora, [LoraGaExport(start)], moves_base=True)
 
 
@@ -148,7 +150,8 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
     else:
         decompositions = init_loftq(model, iterations=settings.iterations or 1)
     quantized = {name: d.quantized for name, d in decompositions.items()}
-    save_quantized(run_dir / QUANTIZED_BASES_FILE, quantized)
+    if current_ranks().main:  # every rank computed the same start; rank 0 keeps it
+        save_quantized(run_dir / QUANTIZED_BASES_FILE, quantized)
     return PreparedAdapter(lora, [QuantizedAdapterExport(quantized, lora.init)], moves_base=True)
 
 
