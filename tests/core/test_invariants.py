@@ -295,3 +295,16 @@ def test_set_active_validates_weights(model):
         lorakit.set_active(model, "a", "b", weights=[1.0])
     with pytest.raises(lorakit.ConfigError, match="not a finite number"):
         lorakit.set_active(model, "a", weights=[float("nan")])
+
+
+def test_an_adapter_on_a_skeleton_base_draws_the_factors_a_loaded_base_gets(model):
+    from lorakit.models.skeleton import causal_lm_skeleton
+    skeleton = causal_lm_skeleton(model.config)  # every weight on the meta device (sharded training fills it later)
+    for target in (model, skeleton):
+        torch.manual_seed(3)
+        lorakit.attach(target, CONFIG)
+    drawn = {name: p for name, p in skeleton.named_parameters() if p.requires_grad}
+    assert drawn and all(p.device.type == "cpu" for p in drawn.values())
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(drawn[name], parameter), name

@@ -281,6 +281,10 @@ def test_fsdp_shards_the_model_and_trains_the_data_parallel_adapter(base_dir, da
     def eval_losses(rows):
         return [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(eval_losses(found)) == 2 and eval_losses(found) == pytest.approx(eval_losses(expected), abs=1e-5)
+    def parameter_bytes(run: Path) -> int:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(row["parameter_bytes_per_rank"] for row in rows if "parameter_bytes_per_rank" in row)
+    assert parameter_bytes(out) <= 0.55 * parameter_bytes(two_ranks[0])  # each rank holds half of every weight
     saved = read_tensors(list_checkpoints(out)[-1] / "trainable.safetensors")  # whole tensors, not shards
     adapter = read_tensors(out / ADAPTER)
     assert {tuple(t.shape) for t in saved.values()} == {tuple(t.shape) for t in adapter.values()}

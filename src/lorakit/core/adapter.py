@@ -43,8 +43,11 @@ class LoraAdapter(nn.Module):
         super().__init__()
         weight = base.weight
         a_shape, b_shape = kind.shapes(base, rank)
-        self.A = nn.Parameter(torch.empty(a_shape, dtype=torch.float32, device=weight.device))
-        self.B = nn.Parameter(torch.empty(b_shape, dtype=torch.float32, device=weight.device))
+        # On a skeleton's base (weights on the meta device, filled later) the factors are real CPU tensors, drawn
+        # as on a loaded base, so that a model filled after sharding starts from the same adapter.
+        device = torch.device("cpu") if weight.device.type == "meta" else weight.device
+        self.A = nn.Parameter(torch.empty(a_shape, dtype=torch.float32, device=device))
+        self.B = nn.Parameter(torch.empty(b_shape, dtype=torch.float32, device=device))
         kind.initialise(self.A, self.B, init)
         self.register_parameter("gate", None)
         """CoDyRA's importance gates ``w`` (one per rank component), or None for plain LoRA."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lorakit.config import QUANTIZING_INITS, LoraConfig, QuantizedInitConfig, TrainConfig
+from lorakit.config import DATA_DRIVEN_INITS, QUANTIZING_INITS, LoraConfig, QuantizedInitConfig, TrainConfig
 from lorakit.core.lifecycle import attach
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
@@ -26,6 +26,7 @@ from lorakit.train.components import check_components
 from lorakit.train.distributed import barrier, current_ranks
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.prepare import PreparedAdapter, prepare_adapter
+from lorakit.train.sharding import load_skeleton, shard_and_fill
 
 RUN_FILE = "run.json"
 
@@ -66,12 +67,18 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume:
         check_fresh(out, overwrite)
     barrier()  # every rank has checked the directory before rank 0 writes into it
-    model, tokenizer = load_base(base, quantize, progress=progress)
+    from_skeleton = config.fsdp and not config.full and lora.init not in DATA_DRIVEN_INITS
+    if from_skeleton:  # no rank ever holds the whole base: each fills its shards after sharding
+        model, tokenizer, files = load_skeleton(base)
+    else:
+        model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
         prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume,
                                    quantized_init=quantized_init)
+    if from_skeleton:
+        shard_and_fill(model, files)
     if not resume and current_ranks().main:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config),

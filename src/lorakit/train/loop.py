@@ -144,7 +144,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         component.attach(model)
     parameters = _trainable(model, config.full)
     if config.fsdp:
-        shard_model(model)
+        if not is_sharded(model):  # lorakit train shards its skeleton as it fills it (sharding.shard_and_fill)
+            shard_model(model)
         parameters = [p for p in model.parameters() if p.requires_grad]  # the sharded ones now
     _prepare_run_dir(writes, resume_path, overwrite)  # only once the run can start: a refused run deletes nothing
     chat = use_chat(tokenizer, config.chat)

@@ -8,20 +8,30 @@ so a block's frozen base and its trainable adapter mix freely); a unit's paramet
 and its backward and freed after. Gradients are reduce-scattered as sums (divide factor 1: the loss is already
 divided by the tokens of every rank, :mod:`lorakit.train.distributed`), only after the rank's last micro-batch,
 and a parameter no token reached on a rank still takes part. Saves gather the full trainable tensors
-(:func:`full_parameters`); a checkpoint holds full tensors, so it resumes with or without ``--fsdp``.
+(:func:`full_parameters`); a checkpoint holds full tensors, the same files as without ``--fsdp``.
+
+So that a rank never holds the whole base, :func:`load_skeleton` builds the model with its weights on the meta
+device (the adapter's factors are drawn for real, as on a loaded base), and :func:`shard_and_fill` shards it,
+allocates each rank's shards and fills them from the checkpoint one tensor at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor, init_device_mesh
+from transformers import AutoConfig
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, ModelError
+from lorakit.io.streamed_tensors import stream_tensors
+from lorakit.models.load import finish_loading, load_tokenizer, resolve_source
+from lorakit.models.skeleton import causal_lm_skeleton
+from lorakit.quant.quantized_loading import weight_files
 from lorakit.train.distributed import current_ranks
 
 
@@ -50,6 +60,56 @@ def shard_model(model: nn.Module) -> None:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
             module.set_reduce_scatter_unused_params(True, recurse=False)
+
+
+def load_skeleton(name_or_path: str) -> tuple[nn.Module, object, list[Path]]:
+    """The model ``name_or_path`` names with its parameters on the meta device, its tokenizer and its weight files
+    (to fill after sharding: :func:`shard_and_fill`)."""
+    source = resolve_source(name_or_path)
+    if not Path(source).is_dir():
+        raise ModelError(f"--fsdp reads the model's weights shard by shard from disk; {name_or_path!r} is not a "
+                         "local directory (hub ids are not downloaded)")
+    model = causal_lm_skeleton(AutoConfig.from_pretrained(source))
+    model, tokenizer = finish_loading(model, load_tokenizer(source, name_or_path), source)
+    return model, tokenizer, weight_files(Path(source))
+
+
+@torch.no_grad()
+def shard_and_fill(model: nn.Module, files: Sequence[Path]) -> None:
+    """Shard the skeleton ``model`` (:func:`shard_model`), allocate this rank's shards and fill them: the meta
+    parameters from ``files`` (a base weight wrapped by an adapter layer is ``<module>.base_layer.weight`` in the
+    model, ``<module>.weight`` in the checkpoint), the real ones (the adapter's factors) and every buffer (rotary
+    frequencies, computed by the constructors) from their values before sharding."""
+    real = {name: p.detach().clone() for name, p in model.named_parameters() if p.device.type != "meta"}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to("meta")
+    shard_model(model)
+    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
+    parameters = dict(model.named_parameters())
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
+    for name, value in real.items():
+        _fill(parameters[name], value)
+    by_key = {name.replace(".base_layer.", "."): name for name in parameters if name not in real}
+    missing = set(by_key)
+    for file in files:
+        for key, tensor in stream_tensors(file):
+            if key in by_key:
+                _fill(parameters[by_key[key]], tensor)
+                missing.discard(key)
+    if missing:
+        raise ModelError(f"the checkpoint lacks {len(missing)} parameter(s) of {type(model).__name__}, e.g. "
+                         f"{sorted(missing)[:3]}: it is incomplete or belongs to another model")
+
+
+def _fill(parameter: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the whole tensor ``full`` into ``parameter`` (sharded or not)."""
+    if isinstance(parameter, DTensor):
+        local = distribute_tensor(full.to(parameter.dtype), parameter.device_mesh, parameter.placements,
+                                  src_data_rank=None).to_local()  # every rank has ``full``: no communication
+        parameter.to_local().copy_(local)
+    else:
+        parameter.copy_(full)
 
 
 def is_sharded(model: nn.Module) -> bool:
