@@ -1,8 +1,10 @@
 """``--fsdp``: the model sharded across the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``), for bases
 that do not fit one device.
 
-Each decoder block (the classes a Hugging Face model names in ``_no_split_modules``) is one FSDP unit, the rest
-of the model (embeddings, final norm, output head: tied weights stay in one unit) the root unit. Every
+Each decoder block (the classes a Hugging Face model names in ``_no_split_modules``) is one FSDP unit; so are the
+input embeddings and the output head when their weights are not tied (each is gathered only for its own forward
+and backward: the root unit stays gathered for the whole step); the rest (the final norm, and tied embeddings) is
+the root unit. Every
 parameter, frozen or trainable, is split along its first dimension over the ranks (FSDP2 shards per parameter,
 so a block's frozen base and its trainable adapter mix freely); a unit's parameters are gathered for its forward
 and its backward and freed after. Gradients are reduce-scattered as sums (divide factor 1: the loss is already
@@ -54,6 +56,10 @@ def shard_model(model: nn.Module) -> None:
     mesh = init_device_mesh(device, (ranks.world,))
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and head is not None and getattr(head, "weight", None) is not embeddings.weight:
+        fully_shard(embeddings, mesh=mesh)
+        fully_shard(head, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
