@@ -12,10 +12,12 @@ from lorakit.train.distributed import start_process_group, stop_process_group
 
 if __name__ == "__main__":
     start_process_group()
+    finished = False
     try:
         for argv in json.loads(open(sys.argv[1]).read()):
             status = main(argv)
             if status:
                 raise SystemExit(status)
+        finished = True
     finally:
-        stop_process_group()
+        stop_process_group(finished=finished)

@@ -19,12 +19,13 @@ def train_in_process_group(train: Callable[[bool], TrainResult], *, quiet: bool,
     """Run ``train(progress)`` in torchrun's process group (a lone process: alone) and print its summary on rank 0;
     progress bars only on rank 0 and without ``quiet``."""
     started = start_process_group(timeout_s)
+    finished = False
     try:
         result = train(not quiet and current_ranks().main)
-        main = current_ranks().main
+        main, finished = current_ranks().main, True
     finally:
         if started:
-            stop_process_group()
+            stop_process_group(finished=finished)
     if main:
         print(json.dumps(result.summary()))
 

@@ -84,9 +84,13 @@ def start_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     return True
 
 
-def stop_process_group() -> None:
-    """Leave the process group, if this process is in one."""
+def stop_process_group(*, finished: bool = True) -> None:
+    """Leave the process group, if this process is in one. A rank that ``finished`` first waits for the others to
+    finish too, so that none tears its connections down while another still uses them (gloo aborts the process
+    then); a failing rank leaves at once (the others may never reach the barrier)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
