@@ -100,7 +100,7 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
         return values
     summed = values.detach().to(_collective_device(), torch.float64 if values.is_floating_point() else values.dtype)
     dist.all_reduce(summed)
-    return summed.to(values.dtype).to(values.device)
+    return summed.to(values.device, values.dtype)
 
 
 def sum_gradients(parameters: Sequence[nn.Parameter]) -> int:

@@ -52,8 +52,7 @@ def shard_model(model: nn.Module) -> None:
     ranks = current_ranks()
     if not ranks.distributed:
         raise ConfigError("--fsdp shards the model across torchrun's ranks; launch with torchrun or --nproc N")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device, (ranks.world,))
+    mesh = init_device_mesh(_device_type(), (ranks.world,))
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -90,32 +89,22 @@ def shard_and_fill(model: nn.Module, files: Sequence[Path]) -> None:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to("meta")
     shard_model(model)
-    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
+    model.to_empty(device=_device_type())
     parameters = dict(model.named_parameters())
     for name, buffer in model.named_buffers():
         buffer.copy_(buffers[name])
     for name, value in real.items():
-        _fill(parameters[name], value)
+        parameters[name].copy_(shaped_like(value, parameters[name]))
     by_key = {name.replace(".base_layer.", "."): name for name in parameters if name not in real}
     missing = set(by_key)
     for file in files:
         for key, tensor in stream_tensors(file):
             if key in by_key:
-                _fill(parameters[by_key[key]], tensor)
+                parameters[by_key[key]].copy_(shaped_like(tensor, parameters[by_key[key]]))
                 missing.discard(key)
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} parameter(s) of {type(model).__name__}, e.g. "
                          f"{sorted(missing)[:3]}: it is incomplete or belongs to another model")
-
-
-def _fill(parameter: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy this rank's part of the whole tensor ``full`` into ``parameter`` (sharded or not)."""
-    if isinstance(parameter, DTensor):
-        local = distribute_tensor(full.to(parameter.dtype), parameter.device_mesh, parameter.placements,
-                                  src_data_rank=None).to_local()  # every rank has ``full``: no communication
-        parameter.to_local().copy_(local)
-    else:
-        parameter.copy_(full)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -135,10 +124,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shaped_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``full`` sharded as ``reference`` is (a plain ``reference``: ``full`` itself)."""
+    """``full`` sharded as ``reference`` is (a plain ``reference``: ``full`` itself). Every rank holds ``full`` (read
+    from the same file), so each takes its own part without communication."""
     if isinstance(reference, DTensor):
-        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
+        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements,
+                                 src_data_rank=None)
     return full
+
+
+def _device_type() -> str:
+    """Where the shards live: the GPU when there is one (NCCL), else the CPU (gloo)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextmanager

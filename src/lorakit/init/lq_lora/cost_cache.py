@@ -66,8 +66,7 @@ def remembered_costs(key: str, rows: int, columns: int, compute: Callable[[], Co
         return stored
     costs = [[float(value) for value in row] for row in compute()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_json(path, costs)
+        save_json(path, costs)  # creates the directory
     except OSError as error:
         warnings.warn(f"LQ-LoRA's cost sweep could not be remembered in {path} ({error}); the next run sweeps again",
                       stacklevel=2)
