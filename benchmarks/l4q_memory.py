@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 
 import lorakit
 from common import emit, lm_training_step, saved_for_backward_bytes
+from lorakit.train.peak_memory import peak_resident_mib
 
 SYSTEMS = ("lora", "l4q")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "l4q.json"
@@ -94,7 +94,7 @@ def measure(system: str, steps: int, batch: int, tokens: int) -> dict:
         started = time.perf_counter()
         losses.append(step())
         seconds.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_resident_mib()
     return {"system": system, "trainable_parameters": sum(p.numel() for p in parameters),
             "saved_for_backward_bytes": saved, "rss_before_training_mib": rss_before, "peak_rss_mib": peak,
             "training_rss_mib": peak - rss_before, "seconds_per_step": statistics.median(seconds),

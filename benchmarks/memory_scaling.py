@@ -7,9 +7,11 @@ system then runs in its own subprocess exactly as ``benchmarks/quantized_trainin
 ``nf4`` quantized as it loads (``lorakit train --quantize nf4``, never holding the fp32 model), twice: the first
 run quantizes and writes the cache (``nf4-first-load``), the second reads it (``nf4``). Reported: the
 decoder linears' bytes, the whole model's bytes (embeddings and head stay fp32), peak RSS (loading included) and
-seconds per step. Random weights say nothing about quality; only bytes and memory are claimed. LQ-LoRA at 2.75 bits
-is not run: its cost sweep (8 configurations x 154 matrices of up to 2048 x 5632) takes hours on 2 CPU cores; its
-decoder-linear bytes are fixed by the budget (at most 2.75 / 32 of fp32's). Results go to
+seconds per step. LQ-LoRA at 2.75 bits runs twice: ``lq-lora-2.75-init`` reads the fp32 model, sweeps the small grid
+(8 configurations x 154 matrices, one alternation per decomposition), allocates the bits, saves the adapter with its
+quantized bases under ``--workdir`` and trains, as ``lorakit train --init lq-lora --quant-iterations 1`` would;
+``lq-lora-2.75`` loads that directory (the base built with its quantized linears in place) and trains. Random
+weights say nothing about quality; only bytes and memory are claimed. Results go to
 ``docs/results/memory_scaling.json``.
 
     .venv/bin/python benchmarks/memory_scaling.py [--workdir /tmp/lorakit-1b] [--steps 2] [--batch 1] [--tokens 128]
@@ -33,8 +35,12 @@ from lorakit.models.load import load_tokenizer, resolve_source
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "memory_scaling.json"
 HERE = Path(__file__).resolve().parent
-RUNS = (("fp32", "fp32"), ("nf4-first-load", "nf4"), ("nf4", "nf4"))
-"""(name, system) pairs: the second NF4 run reads the base that the first quantized and cached."""
+RUNS = (("fp32", "fp32"), ("nf4-first-load", "nf4"), ("nf4", "nf4"), ("lq-lora-2.75-init", "lq-lora-2.75-init"),
+        ("lq-lora-2.75", "lq-lora-2.75"))
+"""(name, system) pairs: the second NF4 run reads the base that the first quantized and cached; the second LQ-LoRA
+run loads the adapter and quantized bases that the first decomposed and saved."""
+RATIOS = ("linear_weight_bytes", "model_bytes", "peak_rss_mib", "seconds_per_step")
+"""What the summary divides by fp32's."""
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4, "vocab_size": 49152, "max_position_embeddings": 2048,
          "tie_word_embeddings": False}
@@ -70,15 +76,14 @@ def main() -> None:
     for name, system in RUNS:
         out = subprocess.run([sys.executable, str(HERE / "quantized_training.py"), "--system", system, "--base",
                               str(args.workdir / "model"), "--steps", str(args.steps), "--batch", str(args.batch),
-                              "--tokens", str(args.tokens)], check=True, capture_output=True, text=True,
-                             env=environment).stdout
+                              "--tokens", str(args.tokens), "--adapter-dir", str(args.workdir / "lq-lora-2.75")],
+                             check=True, capture_output=True, text=True, env=environment).stdout
         results["systems"][name] = {**json.loads(out.strip().splitlines()[-1]), "system": name}
         emit(results["systems"][name])
-    fp32, nf4 = results["systems"]["fp32"], results["systems"]["nf4"]
-    results["summary"] = {key: nf4[key] / fp32[key] for key in
-                          ("linear_weight_bytes", "model_bytes", "peak_rss_mib", "seconds_per_step")}
-    results["summary"]["first_load_peak_rss_mib"] = results["systems"]["nf4-first-load"]["peak_rss_mib"] / fp32[
-        "peak_rss_mib"]
+    systems = results["systems"]
+    fp32 = systems["fp32"]
+    results["summary"] = {name: {key: systems[name][key] / fp32[key] for key in RATIOS}
+                          for name, _ in RUNS if name != "fp32"}
     emit(results["summary"])
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -23,19 +23,29 @@ AdamW. Each system runs in its own subprocess and reports:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import resource
+import math
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import lorakit
 from common import emit, lm_training_step, saved_for_backward_bytes
+from lorakit.train.peak_memory import peak_resident_mib
 
 SYSTEMS = ("fp32", "nf4", "nf4-adamw8bit", "int8")
+LQ_LORA_SYSTEMS = ("lq-lora-2.75-init", "lq-lora-2.75")
+"""Run by ``memory_scaling.py`` only, each with ``--adapter-dir``. ``lq-lora-2.75-init`` reads the fp32 base whole,
+attaches, runs LQ-LoRA's init at 2.75 bits per parameter (small grid, one alternation per decomposition), saves the
+adapter with its quantized bases there and trains in the same process, as ``lorakit train --init lq-lora`` does;
+``lq-lora-2.75`` loads that directory (``lorakit.load``: the base built with its quantized linears in place, never
+the fp32 model) and trains: the memory of training on LQ-LoRA's bases once they exist."""
+LQ_LORA_BUDGET = 2.75
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -46,23 +56,67 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-def measure(system: str, steps: int, batch: int, tokens: int, base: str = "smollm2-135m") -> dict:
+def base_weight_bytes(model: torch.nn.Module) -> int:
+    """What the decoder blocks' base linear weights occupy (fp32 parameters, or a quantized layer's codes and
+    scales; biases left out)."""
+    blocks = [m for name, m in model.named_modules() if ".layers." in name and not list(m.children())
+              and "Linear" in type(m).__name__]
+    return sum(t.numel() * t.element_size() for m in blocks for name, t in [*m.named_parameters(), *m.named_buffers()]
+               if name != "bias")
+
+
+def adapter_bytes(model: torch.nn.Module) -> int:
+    """What the adapter factors occupy."""
+    return sum(t.numel() * t.element_size() for t in lorakit.trainable_parameters(model).values())
+
+
+def lq_lora_model(system: str, base: str, config: lorakit.LoraConfig, adapter_dir: Path) -> tuple[torch.nn.Module,
+                                                                                                   dict]:
+    """The model an LQ-LoRA system trains (see :data:`LQ_LORA_SYSTEMS`) and what its set-up reports."""
+    if system == "lq-lora-2.75":  # what lorakit.load does, with the adapter trainable
+        from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE
+        from lorakit.quant.quantized_files import load_quantized
+        from lorakit.quant.quantized_loading import load_with_quantized_linears
+        model, _ = load_with_quantized_linears(base, load_quantized(adapter_dir / QUANTIZED_BASES_FILE))
+        lorakit.load_adapter(model, adapter_dir, trainable=True)
+        return model, {}
+    from lorakit.init.lq_lora.lq_lora_init import init_lq_lora
+    from lorakit.quant.nf_config import bits_per_parameter
+    from lorakit.quant.quantized_adapter import save_quantized_adapter
+    model, _ = lorakit.load_model(base)
+    lorakit.attach(model, config)
+    started = time.perf_counter()
+    decompositions = init_lq_lora(model, budget=LQ_LORA_BUDGET, max_iterations=1)
+    seconds = time.perf_counter() - started
+    save_quantized_adapter(model, adapter_dir, {name: d.quantized for name, d in decompositions.items()})
+    chosen = [d.quantized for d in decompositions.values()]
+    bits = sum(bits_per_parameter(q.config) * math.prod(q.shape) for q in chosen) / sum(math.prod(q.shape)
+                                                                                        for q in chosen)
+    return model, {"init_seconds": seconds, "bits_per_parameter": bits,
+                   "configs": dict(collections.Counter(q.config.name for q in chosen))}
+
+
+def measure(system: str, steps: int, batch: int, tokens: int, base: str = "smollm2-135m",
+            adapter_dir: Path | None = None) -> dict:
     """One system's weight bytes, saved-for-backward bytes, seconds per step and peak RSS."""
     from lorakit.optim.adamw_8bit import adamw_8bit, optimizer_state_bytes
     from lorakit.quant.quantized_loading import load_base
     torch.manual_seed(0)
-    model, _ = load_base(base, None if system == "fp32" else system.split("-")[0])
-    blocks = [m for name, m in model.named_modules() if ".layers." in name and not list(m.children())
-              and ("Linear" in type(m).__name__)]
-    weight_bytes = sum(t.numel() * t.element_size() for m in blocks for name, t in
-                       [*m.named_parameters(), *m.named_buffers()] if name != "bias")
-    whole_bytes = model_bytes(model)
-    lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear"))
+    config = lorakit.LoraConfig(rank=16, alpha=32, targets="all-linear")
+    set_up = {}
+    if system in LQ_LORA_SYSTEMS:
+        model, set_up = lq_lora_model(system, base, config, adapter_dir)
+        weight_bytes, whole_bytes = base_weight_bytes(model), model_bytes(model) - adapter_bytes(model)
+    else:
+        model, _ = load_base(base, None if system == "fp32" else system.split("-")[0])
+        weight_bytes, whole_bytes = base_weight_bytes(model), model_bytes(model)
+        lorakit.attach(model, config)
     model.train()
     parameters = list(lorakit.trainable_parameters(model).values())
     optimizer = (adamw_8bit(parameters, lr=1e-4, weight_decay=0.0) if system.endswith("adamw8bit")
                  else torch.optim.AdamW(parameters, lr=1e-4))
-    ids = torch.randint(100, 20000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(100, min(20000, model.config.vocab_size), (batch, tokens),
+                        generator=torch.Generator().manual_seed(1))
     step = lm_training_step(model, optimizer, ids)
     saved = saved_for_backward_bytes(model, ids)
     optimizer.zero_grad()
@@ -77,7 +131,7 @@ def measure(system: str, steps: int, batch: int, tokens: int, base: str = "smoll
             "saved_for_backward_bytes": saved,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": statistics.median(seconds),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_resident_mib(), **set_up}
 
 
 def main() -> None:
@@ -86,10 +140,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--base", default="smollm2-135m", help=argparse.SUPPRESS)  # memory_scaling.py's model
-    parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one subprocess's run
+    parser.add_argument("--system", choices=(*SYSTEMS, *LQ_LORA_SYSTEMS), help=argparse.SUPPRESS)  # one run
+    parser.add_argument("--adapter-dir", type=Path, help=argparse.SUPPRESS)  # the LQ-LoRA systems' directory
     args = parser.parse_args()
     if args.system:
-        print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens, args.base)))
+        print(json.dumps(measure(args.system, args.steps, args.batch, args.tokens, args.base, args.adapter_dir)))
         return
     from lorakit.quant.quantized_loading import load_base
     load_base("smollm2-135m", "nf4")  # the cached NF4 base, so that no measured run pays for quantizing

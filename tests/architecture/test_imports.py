@@ -16,7 +16,7 @@ PACKAGE = Path(lorakit.__file__).parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "config"),
     ("core",),
-    ("io", "models", "data"),
+    ("io", "models", "data", "parallel"),
     ("init", "methods", "optim", "regularizers", "quant", "mixtures", "combine", "analysis"),
     ("train", "eval"),
     ("serve",),

@@ -1,6 +1,6 @@
 """Helpers shared by the tests: tiny models (:mod:`.tiny_models`), tokenizers (:mod:`.chat_tokenizer`,
 :mod:`.bpe_tokenizer`), example data (:mod:`.example_data`), an interrupted training run (:mod:`.interrupt`) and damaged
-safetensors files (:mod:`.tensor_files`)."""
+safetensors files (:mod:`.tensor_files`), torchrun command lines (:mod:`.torchrun`)."""
 
 from .bpe_tokenizer import BPE_SPECIALS, bpe_tokenizer
 from .chat_tokenizer import CHAT_SPECIALS, CHATML, char_tokenizer

@@ -115,23 +115,6 @@ def test_the_estimate_also_works_after_attach(batches):
     assert all(p.requires_grad == ("adapters" in n) for n, p in model.named_parameters())
 
 
-def test_the_estimate_averages_over_ranks(batches, monkeypatch):
-    # Two ranks that saw the same batches must get the single-process estimate back.
-    import torch.distributed as dist
-
-    reduced = []
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
-    monkeypatch.setattr(dist, "all_reduce", lambda tensor: reduced.append(tensor.mul_(2)))
-    estimate = estimate_gradients(tiny_llama(), batches, targets=ATTENTION, progress=False)
-    monkeypatch.undo()
-    single = estimate_gradients(tiny_llama(), batches, targets=ATTENTION, progress=False)
-    assert estimate.num_batches == 4 and len(reduced) == 1 + len(single)
-    for name in single:
-        torch.testing.assert_close(estimate[name], single[name])
-
-
 def test_gradient_estimate_save_load_round_trip(llama_grads, tmp_path):
     path = llama_grads.save(tmp_path / "grads.safetensors")
     loaded = GradientEstimate.load(path)

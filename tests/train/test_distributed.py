@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from lorakit.cli.torchrun_launch import torchrun_command, without_flag
 from lorakit.data.jsonl import save_jsonl
 from lorakit.train.checkpoint import list_checkpoints
 from tests.helpers import copy_examples, perturb, read_tensors
+from tests.helpers.torchrun import free_port, standalone, torchrun
 
 ADAPTER = "adapter_model.safetensors"
 # Prompt-masked rows of 2-5 answer tokens: ranks see different token counts, so a per-rank mean would differ.
@@ -41,23 +41,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 LORAKIT = ("-m", "lorakit")
-
-
-def _torchrun(*launch: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *launch]
-
-
-def _standalone(nproc: int) -> list[str]:
-    """torchrun on ``nproc`` local ranks, its rendezvous on a free loopback port."""
-    return _torchrun("--nnodes", "1", "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-                     "--rdzv_endpoint", f"127.0.0.1:{_free_port()}")
 
 
 def _run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -96,7 +80,7 @@ def single(base_dir, data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(base_dir, data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("two-ranks") / "run"
-    result = _run([*_standalone(2), *LORAKIT, *_train(base_dir, data, out, "--steps", "6", "--grad-accum", "2",
+    result = _run([*standalone(2), *LORAKIT, *_train(base_dir, data, out, "--steps", "6", "--grad-accum", "2",
                                             "--eval-data", str(data["eval"]), "--eval-every", "3")])
     return out, result
 
@@ -119,7 +103,7 @@ def test_a_killed_rank_stops_the_run_and_its_last_checkpoint_resumes_on_two_rank
     train = _train(base_dir, data, out, "--steps", "6", "--grad-accum", "2", "--save-every", "1",
                    "--keep-checkpoints", "10", "--eval-data", str(data["eval"]), "--eval-every", "1",
                    "--dist-timeout", "60")  # evaluating after every step gives the kill time to land
-    command = [*_standalone(2), *LORAKIT, *train]
+    command = [*standalone(2), *LORAKIT, *train]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -141,7 +125,7 @@ def test_a_killed_rank_stops_the_run_and_its_last_checkpoint_resumes_on_two_rank
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
 
-    _run([*_standalone(2), *LORAKIT, "train", "--resume", str(out), "--quiet"])
+    _run([*standalone(2), *LORAKIT, "train", "--resume", str(out), "--quiet"])
     _assert_same_adapter(out, two_ranks[0], atol=1e-6)  # the resumed run is the straight one
 
     assert main(["train", "--resume", str(copy), "--quiet"]) == 2  # one process, the global batch not kept
@@ -151,10 +135,10 @@ def test_a_killed_rank_stops_the_run_and_its_last_checkpoint_resumes_on_two_rank
 
 
 def test_two_nodes_on_loopback_train_the_single_process_adapter(base_dir, data, single, tmp_path):
-    out, port = tmp_path / "run", _free_port()
+    out, port = tmp_path / "run", free_port()
     train = _train(base_dir, data, out, "--steps", "6", "--grad-accum", "2", "--eval-data", str(data["eval"]),
                    "--eval-every", "3")
-    nodes = [subprocess.Popen([*_torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+    nodes = [subprocess.Popen([*torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
                                           "--master_addr", "127.0.0.1", "--master_port", str(port)), *LORAKIT, *train],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
@@ -261,7 +245,7 @@ def test_every_training_command_trains_on_two_ranks_as_in_one_process(base_dir, 
 
     names = [*METHODS, "two-adapters", *mixtures]  # two adapters in one batch: each one's tokens over both ranks
     worker = str(Path(__file__).with_name("distributed_worker.py"))
-    for where, grad_accum, launch in (("ranks", 1, _standalone(2)), ("single", 2, [])):
+    for where, grad_accum, launch in (("ranks", 1, standalone(2)), ("single", 2, [])):
         commands = tmp_path / f"{where}.json"
         commands.write_text(json.dumps([command(name, tmp_path / where, grad_accum) for name in names]))
         # One thread in the lone process too: LoRA-GA's SVD of a tiny random model's gradient is so ill-conditioned
@@ -273,7 +257,7 @@ def test_every_training_command_trains_on_two_ranks_as_in_one_process(base_dir, 
 
 def test_fsdp_shards_the_model_and_trains_the_data_parallel_adapter(base_dir, data, two_ranks, tmp_path):
     out = tmp_path / "run"
-    _run([*_standalone(2), *LORAKIT, *_train(base_dir, data, out, "--steps", "6", "--grad-accum", "2", "--fsdp",
+    _run([*standalone(2), *LORAKIT, *_train(base_dir, data, out, "--steps", "6", "--grad-accum", "2", "--fsdp",
                                              "--save-every", "3", "--eval-data", str(data["eval"]),
                                              "--eval-every", "3")])
     _assert_same_adapter(out, two_ranks[0])
@@ -300,3 +284,13 @@ def test_fsdp_shards_the_model_and_trains_the_data_parallel_adapter(base_dir, da
 def test_fsdp_refuses_what_it_cannot_shard(base_dir, data, tmp_path, capsys, flags, message):
     assert main(_train(base_dir, data, tmp_path / "run", "--steps", "1", *flags)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fewer_estimation_batches_than_ranks_is_refused_on_every_rank(base_dir, tmp_path):
+    save_jsonl(tmp_path / "two.jsonl", copy_examples(2))  # one batch of 2: nothing for the second rank to estimate
+    train = ["train", "--data", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "run"), "--base", str(base_dir),
+             *FLAGS, "--steps", "1", "--init", "eva"]
+    result = subprocess.run([*standalone(2), *LORAKIT, *train], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "estimate the initialisation from 1 batch(es)" in result.stderr
+    assert not (tmp_path / "run" / ADAPTER).exists()

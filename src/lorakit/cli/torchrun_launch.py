@@ -10,14 +10,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.train.distributed import DEFAULT_TIMEOUT_S, current_ranks, start_process_group, stop_process_group
+from lorakit.parallel.process_group import current_ranks
+from lorakit.train.distributed import DEFAULT_TIMEOUT_S, start_process_group, stop_process_group
 from lorakit.train.loop import TrainResult
+from lorakit.train.peak_memory import peak_resident_mib
 
 
 def train_in_process_group(train: Callable[[bool], TrainResult], *, quiet: bool,
                            timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Run ``train(progress)`` in torchrun's process group (a lone process: alone) and print its summary on rank 0;
-    progress bars only on rank 0 and without ``quiet``."""
+    """Run ``train(progress)`` in torchrun's process group (a lone process: alone) and print its summary on rank 0,
+    with rank 0's peak resident memory (``peak_memory_mib``); progress bars only on rank 0 and without ``quiet``."""
     started = start_process_group(timeout_s)
     finished = False
     try:
@@ -27,7 +29,7 @@ def train_in_process_group(train: Callable[[bool], TrainResult], *, quiet: bool,
         if started:
             stop_process_group(finished=finished)
     if main:
-        print(json.dumps(result.summary()))
+        print(json.dumps({**result.summary(), "peak_memory_mib": peak_resident_mib()}))
 
 
 def without_flag(argv: Sequence[str], flag: str) -> list[str]:

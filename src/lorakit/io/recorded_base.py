@@ -19,8 +19,14 @@ def base_for(model: nn.Module | None, recorded: Any, source: Path,
     quantized as ``quantization`` says where a loader for that scheme is registered."""
     if model is not None:
         return model, None
+    loader = base_loader(quantization) if quantization else None
+    return (loader or load_model)(recorded_name(recorded, source))
+
+
+def recorded_name(recorded: Any, source: Path) -> str:
+    """``recorded``, the base model's name or path read from the file ``source``, when it is a non-empty string;
+    a :class:`FormatError` saying how to pass the base otherwise."""
     if not isinstance(recorded, str) or not recorded:
         raise FormatError(f"{source}: records no base model (found {recorded!r}); pass the base model to load "
                           "it into (lorakit.load(path, model), or --base on the command line)")
-    loader = base_loader(quantization) if quantization else None
-    return (loader or load_model)(recorded)
+    return recorded

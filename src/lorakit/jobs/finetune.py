@@ -19,11 +19,12 @@ from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
 from lorakit.io.files import save_json
 from lorakit.models import DEFAULT_MODEL
+from lorakit.parallel.process_group import current_ranks
 from lorakit.quant.base_schemes import base_scheme
 from lorakit.quant.quantized_loading import load_base
 from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.components import check_components
-from lorakit.train.distributed import barrier, current_ranks
+from lorakit.train.distributed import barrier
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.prepare import PreparedAdapter, prepare_adapter
 from lorakit.train.sharding import load_skeleton, shard_and_fill

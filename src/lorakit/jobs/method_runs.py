@@ -1,8 +1,9 @@
 """One method of ``lorakit compare``: its preset flags, its own `lorakit train` process, its numbers.
 
 Every method trains in its own ``lorakit train`` process (same data, steps, rank, learning rate and
-seed; only the method's own flags differ), so each peak memory is that process's own (``ru_maxrss``
-from ``os.wait4``). Reported per method: the loss curve, the steps until the loss (mean of the last
+seed; only the method's own flags differ), so each peak memory is that process's own (the
+``peak_memory_mib`` its summary reports: :mod:`lorakit.train.peak_memory`). Reported per method: the loss
+curve, the steps until the loss (mean of the last
 ``SMOOTHING`` steps) first reaches ``target_loss``, the final held-out exact match, the trainable
 parameters, seconds per step of the training loop, the set-up time before it (LoRA-GA's and EVA's
 estimates) and the peak resident memory. A method whose directory already holds a finished run is
@@ -13,11 +14,9 @@ so an interrupted comparison continues where it stopped; a run made with other f
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -96,16 +95,12 @@ def _train_command(method: str, data: str, out: Path, train_flags: Sequence[str]
 def _run_training(command: list[str]) -> tuple[dict, float, float]:
     """Run one training process; returns its JSON summary, wall seconds and its own peak RSS in MiB."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(process.pid, 0)  # reaps the child and returns its resource usage
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        output, errors = stdout.read(), stderr.read()
+    process = subprocess.run(command, capture_output=True, text=True)
     if process.returncode != 0:
-        raise TrainingError(f"{shlex.join(command)} failed (exit {process.returncode}):\n{errors.strip()[-2000:]}")
-    return json.loads(output.strip().splitlines()[-1]), time.perf_counter() - started, usage.ru_maxrss / 1024
+        raise TrainingError(f"{shlex.join(command)} failed (exit {process.returncode}):\n"
+                            f"{process.stderr.strip()[-2000:]}")
+    summary = json.loads(process.stdout.strip().splitlines()[-1])
+    return summary, time.perf_counter() - started, summary["peak_memory_mib"]
 
 
 def _loss_curve(run_dir: Path) -> tuple[list[float], float]:

@@ -23,7 +23,8 @@ from lorakit.mixtures.xlora.config import XLoraConfig
 from lorakit.mixtures.xlora.model import XLoraModel
 from lorakit.mixtures.xlora.storage import XLORA_KIND, save_xlora
 from lorakit.models import DEFAULT_MODEL, load_model
-from lorakit.train.distributed import barrier, current_ranks
+from lorakit.parallel.process_group import current_ranks
+from lorakit.train.distributed import barrier
 from lorakit.train.loop import TrainResult, train
 
 RUN_FILE = "xlora_run.json"

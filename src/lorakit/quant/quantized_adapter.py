@@ -8,8 +8,11 @@ starts it at ``L1 L2 ~= W - Q``, so on ``W`` it would count that difference twic
     quantized_bases.safetensors                       each adapted module's quantized base weight Q
     lorakit.json                                      {"format": 1, "kind": "quantized-adapter"}
 
-Loading puts the adapter on its base, then replaces each adapted layer's base by an :class:`NFLinear` holding
-its ``Q`` (the bias kept). PEFT reads the adapter files too, but onto the full-precision base.
+Loading with no model builds the recorded base as a skeleton and fills it from its checkpoint, each adapted
+linear becoming an :class:`NFLinear` holding its ``Q`` (the bias kept) as its fp32 weight is read and dropped, so
+the process never holds the full-precision model (:func:`~lorakit.quant.quantized_loading.load_with_quantized_linears`);
+then the adapter goes on. Loading into a given model puts the adapter on it and replaces the adapted bases the same
+way. PEFT reads the adapter files too, but onto the full-precision base.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from torch import nn
 
 from lorakit.core.kinds import kind_of
 from lorakit.errors import FormatError
-from lorakit.io.adapter_kind import ADAPTER, describe_adapter
-from lorakit.io.adapters import adapter_tensors, peft_config, write_adapter_files
+from lorakit.io.adapter_kind import ADAPTER, DEFAULT_NAME, describe_adapter
+from lorakit.io.adapters import CONFIG_FILE, adapter_tensors, load_adapter, peft_config, write_adapter_files
 from lorakit.io.directory_kinds import DirectoryKind, Loaded, register_kind
+from lorakit.io.files import load_json
+from lorakit.io.recorded_base import recorded_name
 from lorakit.quant.nf_config import bits_per_parameter
 from lorakit.quant.nf_linear import NFLinear
 from lorakit.quant.quantized_files import load_quantized, quantized_writer
+from lorakit.quant.quantized_loading import load_with_quantized_linears
 from lorakit.quant.quantized_tensor import NFTensor
 
 QUANTIZED_ADAPTER_KIND = "quantized-adapter"
@@ -59,6 +65,13 @@ def save_quantized_adapter(model: nn.Module, path: str | Path, quantized: Mappin
 
 def _load(directory: Path, model: nn.Module | None) -> Loaded:
     quantized = load_quantized(directory / QUANTIZED_BASES_FILE)  # checked before the model changes
+    if model is None:  # built with Q in place as the checkpoint is read: never the whole fp32 model in memory
+        recorded = recorded_name(load_json(directory / CONFIG_FILE).get("base_model_name_or_path"),
+                                 directory / CONFIG_FILE)
+        base, tokenizer = load_with_quantized_linears(recorded, quantized)
+        name = load_adapter(base, directory, DEFAULT_NAME)
+        return Loaded(kind=QUANTIZED_ADAPTER_KIND, path=directory, model=base, base=base, tokenizer=tokenizer,
+                      adapters=(name,))
     loaded = ADAPTER.load(directory, model)
     missing = set(quantized) - set(dict(loaded.base.named_modules()))
     if missing:

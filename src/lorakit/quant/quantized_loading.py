@@ -18,14 +18,15 @@ to rebuild its layer from stored codes).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lorakit.errors import ModelError
+from lorakit.errors import FormatError, ModelError
 from lorakit.io.base_quantization import register_base_loader
 from lorakit.io.streamed_tensors import stream_tensors, tensor_count
 from lorakit.models.freed_memory import release_freed_memory
@@ -33,7 +34,9 @@ from lorakit.models.load import finish_loading, load_model, load_tokenizer, reso
 from lorakit.models.skeleton import causal_lm_skeleton, check_filled, set_parameter
 from lorakit.quant.base_schemes import SCHEMES, base_scheme
 from lorakit.quant.model_quantization import quantizable_linears, replace_module
+from lorakit.quant.nf_linear import NFLinear
 from lorakit.quant.quantized_cache import cache_path, read_cached, write_cache
+from lorakit.quant.quantized_tensor import NFTensor
 
 
 def weight_files(source: Path) -> list[Path]:
@@ -50,9 +53,10 @@ def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def fill_quantized(model: PreTrainedModel, tensors: Iterator[tuple[str, torch.Tensor]], targets: list[str],
-                   quantize, *, progress: bool = False, total: int | None = None) -> None:
-    """Fill the skeleton ``model`` from ``(name, tensor)`` pairs, quantizing with ``quantize(weight, bias)`` the
-    linear layers ``targets`` names as soon as their weight (and bias, if they have one) has been read."""
+                   build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module], *, progress: bool = False,
+                   total: int | None = None) -> None:
+    """Fill the skeleton ``model`` from ``(name, tensor)`` pairs, replacing each linear layer ``targets`` names by
+    ``build(module_name, weight, bias)`` as soon as its weight (and bias, if it has one) has been read."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     needs_bias = {name: model.get_submodule(name).bias is not None for name in targets}
     for key, tensor in tqdm(tensors, total=total, desc="quantizing the base", unit="tensor", disable=not progress):
@@ -63,7 +67,7 @@ def fill_quantized(model: PreTrainedModel, tensors: Iterator[tuple[str, torch.Te
         parts = pending.setdefault(module_name, {})
         parts[leaf] = tensor.to(torch.float32)
         if "weight" in parts and ("bias" in parts or not needs_bias[module_name]):
-            replace_module(model, module_name, quantize(parts["weight"], parts.get("bias")).eval())
+            replace_module(model, module_name, build(module_name, parts["weight"], parts.get("bias")).eval())
             del pending[module_name]
             release_freed_memory()  # else glibc keeps the quantizer's temporaries: +0.6 GB on the default model
     if pending:
@@ -78,10 +82,7 @@ def load_quantized_base(name_or_path: str | os.PathLike[str], scheme: str = "nf4
     tokenizer; the model in eval mode. With ``cache``, ``nf4`` reads (or first writes) the quantized base cached
     under ``lorakit_home()/quantized``."""
     chosen = base_scheme(scheme)
-    source = resolve_source(name_or_path)
-    if not Path(source).is_dir():
-        raise ModelError(f"--quantize needs the model's files on disk; {os.fspath(name_or_path)!r} is not a local "
-                         "directory (hub ids are not downloaded)")
+    source = _local_source(name_or_path, "--quantize")
     files = weight_files(Path(source))
     if chosen.transformers_config is not None:
         return _load_by_transformers(source, name_or_path, chosen.transformers_config())
@@ -91,11 +92,51 @@ def load_quantized_base(name_or_path: str | os.PathLike[str], scheme: str = "nf4
     if cached is not None and cached.is_dir():
         read_cached(model, cached, targets)
     else:
-        fill_quantized(model, _checkpoint_tensors(files), targets, chosen.quantize, progress=progress,
+        fill_quantized(model, _checkpoint_tensors(files), targets,
+                       lambda _name, weight, bias: chosen.quantize(weight, bias), progress=progress,
                        total=sum(map(tensor_count, files)))
         if cached is not None:
             write_cache(model, cached, targets, source=source)
     return finish_loading(model, load_tokenizer(source, name_or_path), source)
+
+
+def load_with_quantized_linears(name_or_path: str | os.PathLike[str], quantized: Mapping[str, NFTensor], *,
+                                progress: bool = False) -> tuple[PreTrainedModel, object]:
+    """The causal language model ``name_or_path`` names, with each linear layer that ``quantized`` names built as
+    an :class:`NFLinear` of its stored weight (the checkpoint's bias kept) while the checkpoint is read, and its
+    tokenizer; the model in eval mode. The full-precision weights of those layers are read one at a time and
+    dropped, so the process never holds them all (LQ-LoRA's and LoftQ's bases, rebuilt without the fp32 model)."""
+    source = _local_source(name_or_path, "a quantized base")
+    files = weight_files(Path(source))
+    model = causal_lm_skeleton(AutoConfig.from_pretrained(source))
+    layers = dict(model.named_modules())
+    for module_name, weight in quantized.items():
+        layer = layers.get(module_name)
+        if type(layer) is not nn.Linear or tuple(layer.weight.shape) != tuple(weight.shape):
+            found = "no such module" if layer is None else f"a {type(layer).__name__} of {_shape_of(layer)}"
+            raise FormatError(f"a quantized base {tuple(weight.shape)} is stored for {module_name!r}, where "
+                              f"{os.fspath(name_or_path)!r} has {found}: it belongs to another model")
+
+    def stored(module_name: str, _weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        return NFLinear(quantized[module_name], bias)
+
+    fill_quantized(model, _checkpoint_tensors(files), list(quantized), stored, progress=progress,
+                   total=sum(map(tensor_count, files)))
+    return finish_loading(model, load_tokenizer(source, name_or_path), source)
+
+
+def _shape_of(layer: nn.Module) -> object:
+    weight = getattr(layer, "weight", None)
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
+
+
+def _local_source(name_or_path: str | os.PathLike[str], what: str) -> str:
+    """The local directory ``name_or_path`` resolves to; a :class:`ModelError` when it is not one."""
+    source = resolve_source(name_or_path)
+    if not Path(source).is_dir():
+        raise ModelError(f"{what} needs the model's files on disk; {os.fspath(name_or_path)!r} is not a local "
+                         "directory (hub ids are not downloaded)")
+    return source
 
 
 def _load_by_transformers(source: str, name_or_path: str | os.PathLike[str],

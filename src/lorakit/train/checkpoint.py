@@ -34,7 +34,7 @@ from lorakit.errors import FormatError
 from lorakit.io.files import load_json, load_tensors
 from lorakit.methods.component import TrainingComponent
 from lorakit.models.atomic import build_atomically
-from lorakit.train.distributed import LONE, Ranks
+from lorakit.parallel.process_group import LONE, Ranks
 from lorakit.train.sharding import full_tensor, shaped_like
 
 CHECKPOINTS = "checkpoints"

@@ -21,47 +21,18 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.parallel.process_group import collective_device, current_ranks, sum_across_ranks
 
 DEFAULT_TIMEOUT_S = 300.0
 """How long a collective waits for the other ranks before the run fails (a rank that died or hangs)."""
 BUCKET_NUMBERS = 1 << 22
 """Gradient values all-reduced in one flat buffer (16 MiB of fp32)."""
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in the run: rank ``rank`` of ``world`` processes."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        """Whether this process writes the run's files and draws its progress bars (rank 0)."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """Whether other ranks take part."""
-        return self.world > 1
-
-
-LONE = Ranks()
-"""A process training alone."""
-
-
-def current_ranks() -> Ranks:
-    """The process group's ranks, or :data:`LONE`."""
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size())
-    return LONE
 
 
 def launched_by_torchrun() -> bool:
@@ -94,15 +65,6 @@ def stop_process_group(*, finished: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed over the ranks (a lone process: ``values``), on the process group's device."""
-    if not current_ranks().distributed:
-        return values
-    summed = values.detach().to(_collective_device(), torch.float64 if values.is_floating_point() else values.dtype)
-    dist.all_reduce(summed)
-    return summed.to(values.device, values.dtype)
-
-
 def sum_gradients(parameters: Sequence[nn.Parameter]) -> int:
     """Replace each parameter's gradient by its sum over the ranks; returns the bytes all-reduced. A parameter no
     rank has a gradient for keeps none (so the optimizer skips it, as one process would); one that only some
@@ -117,7 +79,7 @@ def sum_gradients(parameters: Sequence[nn.Parameter]) -> int:
     sent = 0
     for bucket in _buckets(reduced):
         grads = [p.grad for p in bucket]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(_collective_device())
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(collective_device())
         dist.all_reduce(flat)
         sent += flat.numel() * flat.element_size()
         for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
@@ -131,7 +93,7 @@ def gathered_rng_states() -> list[torch.Tensor]:
     ranks = current_ranks()
     if not ranks.distributed:
         return [state]
-    device = _collective_device()
+    device = collective_device()
     states = [torch.empty_like(state, device=device) for _ in range(ranks.world)]
     dist.all_gather(states, state.to(device))
     return [s.cpu() for s in states]
@@ -156,10 +118,3 @@ def _buckets(parameters: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
         buckets[-1].append(parameter)
         size += parameter.numel()
     return buckets
-
-
-def _collective_device() -> torch.device:
-    """Where the process group's collectives take their tensors: the local GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -49,6 +49,7 @@ from lorakit.models.supervised_loss import (
     supervised_outputs,
     supervised_tokens,
 )
+from lorakit.parallel.process_group import Ranks, current_ranks, sum_across_ranks
 from lorakit.train.allocator import freed_memory_kept
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
@@ -60,7 +61,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.compiled import compiled_body
 from lorakit.train.components import adamw, components_for
-from lorakit.train.distributed import Ranks, current_ranks, gathered_rng_states, sum_across_ranks, sum_gradients
+from lorakit.train.distributed import gathered_rng_states, sum_gradients
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
 from lorakit.train.schedule import learning_rate

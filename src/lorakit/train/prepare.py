@@ -19,6 +19,10 @@ With ``TrainConfig(method="mixlora")`` the model becomes a MixLoRA model instead
   batch) or ``init_loftq``; every adapted base becomes an ``NFLinear`` holding ``Q`` and the adapter starts
   at ``L1 L2``. ``Q`` goes to ``quantized_bases.safetensors``, which a resumed run quantizes its bases from;
   the saved adapter belongs to that quantized base.
+
+Under torchrun each rank estimates from its share of those batches (``Ranks.share``) and the estimates combine the
+shares (LoRA-GA's and the Fisher's sums added over the ranks, EVA's layer inputs gathered), so every rank starts
+where one process starts.
 """
 
 from __future__ import annotations
@@ -37,16 +41,17 @@ from lorakit.data.batching import Batches
 from lorakit.data.encoding import encode, pad_id
 from lorakit.data.example import Example
 from lorakit.data.formatting import use_chat
+from lorakit.errors import DataError
 from lorakit.init.eva import estimate_eva, eva_config, init_eva
 from lorakit.init.lora_ga import LoraGaInit, estimate_gradients, init_lora_ga, save_lora_ga_adapter, start_from
 from lorakit.init.lq_lora import CONFIG_GRIDS, estimate_fisher, init_loftq, init_lq_lora
 from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
+from lorakit.parallel.process_group import current_ranks
 from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE, quantize_bases, save_quantized_adapter
 from lorakit.quant.quantized_files import load_quantized, save_quantized
 from lorakit.quant.quantized_tensor import NFTensor
 from lorakit.train.components import method_options
-from lorakit.train.distributed import current_ranks
 
 LORA_GA_FILE = "lora_ga_init.safetensors"
 ESTIMATE_BATCHES = 8
@@ -88,10 +93,19 @@ class QuantizedAdapterExport(TrainingComponent):
 
 def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig, *,
                         count: int = ESTIMATE_BATCHES, batch_size: int | None = None) -> list[dict]:
+    """This rank's share of the first ``count`` batches of the run's data order (a lone process: all of them); the
+    estimates combine the shares over the ranks into what one process computes from every batch. Fewer batches
+    than ranks is refused on every rank alike (each rank needs one)."""
     chat = use_chat(tokenizer, config.chat)
     encoded = [encode(e, tokenizer, chat=chat, max_length=config.max_length) for e in examples]
     batches = Batches(encoded, batch_size=batch_size or config.batch_size, pad_id=pad_id(tokenizer), seed=config.seed)
-    return [batch for _, batch in zip(range(count), batches.epoch(0), strict=False)]
+    first = [batch for _, batch in zip(range(count), batches.epoch(0), strict=False)]
+    ranks = current_ranks()
+    if len(first) < ranks.world:
+        raise DataError(f"the {ranks.world} ranks estimate the initialisation from {len(first)} batch(es) of the "
+                        f"training data, fewer than one each; use at most {len(first)} ranks, more data, or (for "
+                        "LQ-LoRA's Fisher) more --fisher-batches")
+    return ranks.share(first)
 
 
 def prepare_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], lora: LoraConfig,
@@ -123,10 +137,11 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
         start = LoraGaInit.load(run_dir / LORA_GA_FILE)
         start_from(model, start)
     else:
-        grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora)
+        grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora,
+                                   progress=current_ranks().main)
         attach(model, _placeholder(lora))
         start = init_lora_ga(model, grads)
-        if current_ranks().main:  # every rank computed the same start; rank 0 keeps it
+        if current_ranks().main:  # every rank computed the same start from the combined estimate; rank 0 keeps it
             start.save(run_dir / LORA_GA_FILE)
     return PreparedAdapter(lora, [LoraGaExport(start)], moves_base=True)
 
@@ -142,7 +157,7 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
     fisher = None
     if lora.init == "lq-lora" and settings.fisher_batches:
         batches = _estimation_batches(tokenizer, examples, config, count=settings.fisher_batches, batch_size=1)
-        fisher = estimate_fisher(model, batches, targets=lora)
+        fisher = estimate_fisher(model, batches, targets=lora, progress=current_ranks().main)
     attach(model, _placeholder(lora))
     if lora.init == "lq-lora":
         decompositions = init_lq_lora(model, budget=settings.bits, grid=CONFIG_GRIDS[settings.grid], fisher=fisher,
@@ -159,7 +174,8 @@ def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdap
     if resume:  # the run recorded the EVA config; the checkpoint holds A and B
         attach(model, _placeholder(lora))
         return PreparedAdapter(lora)
-    estimate = estimate_eva(model, _estimation_batches(tokenizer, examples, config), lora)
+    estimate = estimate_eva(model, _estimation_batches(tokenizer, examples, config), lora,
+                            progress=current_ranks().main)
     shaped = eva_config(lora, estimate)
     attach(model, _placeholder(shaped))
     init_eva(model, estimate)

@@ -33,8 +33,8 @@ from lorakit.errors import ConfigError, ModelError
 from lorakit.io.streamed_tensors import stream_tensors
 from lorakit.models.load import finish_loading, load_tokenizer, resolve_source
 from lorakit.models.skeleton import causal_lm_skeleton
+from lorakit.parallel.process_group import current_ranks
 from lorakit.quant.quantized_loading import weight_files
-from lorakit.train.distributed import current_ranks
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -45,8 +45,9 @@ from lorakit.core.state import model_state
 from lorakit.errors import AdapterError, ConfigError, DataError, StateError, TargetError
 from lorakit.init.eva.estimate import EvaEstimate, EvaModule
 from lorakit.init.eva.incremental_pca import IncrementalPCA
-from lorakit.init.eva.inputs import input_groups, select_tokens, taps, token_mask
+from lorakit.init.eva.inputs import gathered_inputs, input_groups, select_tokens, taps, token_mask
 from lorakit.init.eva.ranks import redistribute
+from lorakit.parallel.process_group import current_ranks
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -78,7 +79,7 @@ def estimate_eva(model: nn.Module, batches: Iterable[Batch], config: LoraConfig,
     device = next(model.parameters()).device
     with _as_base_model(model):
         groups = input_groups(model, names, lambda: _forward(model, first, device))
-        search = _Search(groups, ks, tau, budget=sum(base_ranks.values()))
+        search = _Search(groups, ks, widths, tau, budget=sum(base_ranks.values()))
         search.run(model, chain([first], iterator), device, use_label_mask, max_batches, progress)
     return search.result(base_ranks, rho)
 
@@ -126,8 +127,9 @@ def _forward(model: nn.Module, batch: Batch, device: torch.device) -> None:
 class _Search:
     """The incremental PCAs (one per group of identical inputs), their convergence and the ranks."""
 
-    def __init__(self, groups: dict[str, str], ks: dict[str, int], tau: float, *, budget: int) -> None:
-        self.groups, self.ks, self.tau, self.budget = groups, ks, tau, budget
+    def __init__(self, groups: dict[str, str], ks: dict[str, int], widths: dict[str, int], tau: float, *,
+                 budget: int) -> None:
+        self.groups, self.ks, self.widths, self.tau, self.budget = groups, ks, widths, tau, budget
         self.members: dict[str, list[str]] = {}
         for name, head in groups.items():
             self.members.setdefault(head, []).append(name)
@@ -136,39 +138,71 @@ class _Search:
         self.settled = {head: torch.zeros(size, dtype=torch.bool) for head, size in sizes.items()}
         self.ranks = dict(ks)  # before the first redistribution every component counts (PEFT's start)
         self.batches = 0
-        self._mask: torch.Tensor | None = None
 
     def converged(self, head: str) -> bool:
         """Whether the components the group's members currently need have all settled."""
         need = max(self.ranks[n] for n in self.members[head])
         return bool(self.settled[head][:need].all())
 
+    def pending(self) -> list[str]:
+        """The groups whose components have not all settled yet."""
+        return [head for head in self.pcas if not self.converged(head)]
+
+    def done(self, max_batches: int | None) -> bool:
+        """Whether every group converged or ``max_batches`` batches were folded in."""
+        return (max_batches is not None and self.batches >= max_batches) or not self.pending()
+
     def run(self, model: nn.Module, batches: Iterable[Batch], device: torch.device, use_label_mask: bool,
             max_batches: int | None, progress: bool) -> None:
+        """Fold the batches' layer inputs into the PCAs, a batch at a time, until :meth:`done` or the batches run
+        out. Under torch.distributed each rank runs the forward passes of its own batches (``Ranks.share``: batches
+        ``r, r + N, ...``) and every rank folds the N batches of a step in rank order: the one-process order,
+        convergence checked and ranks redistributed after each batch as one process does."""
+        distributed = current_ranks().distributed
         bar = tqdm(total=max_batches, disable=not progress, desc="eva", unit="batch")
         iterator = iter(batches)
         try:
-            while max_batches is None or self.batches < max_batches:
-                pending = [head for head in self.pcas if not self.converged(head)]
-                batch = next(iterator, None) if pending else None  # never pull a batch that is not needed
-                if batch is None:
+            while not self.done(max_batches):
+                # Under several ranks a settled group can fall back to pending within a step (the ranks move after
+                # each batch), so every group's inputs are taken; alone, only the pending groups'.
+                tapped = list(self.pcas) if distributed else self.pending()
+                batch = next(iterator, None)  # never pulled once done
+                inputs = None if batch is None else self._inputs(model, batch, tapped, device, use_label_mask)
+                step = gathered_inputs(inputs, {head: self.widths[head] for head in tapped}, device)
+                if all(rank_inputs is None for rank_inputs in step):
                     break
-                self._mask = token_mask(batch, use_label_mask)
-                with taps(model, pending, self._fit):
-                    _forward(model, batch, device)
-                self.batches += 1
-                if all(pca.components is not None for pca in self.pcas.values()):
-                    self.ranks = redistribute({n: self.pcas[h].explained_variance_ratio[:self.ks[n]]
-                                               for n, h in self.groups.items()}, self.budget)
-                bar.update(1)
-                bar.set_postfix(converged=f"{sum(map(self.converged, self.pcas))}/{len(self.pcas)}")
+                for rank_inputs in step:
+                    if rank_inputs is None or self.done(max_batches):
+                        continue
+                    self._fold(rank_inputs)
+                    bar.update(1)
+                    bar.set_postfix(converged=f"{len(self.pcas) - len(self.pending())}/{len(self.pcas)}")
         finally:
             bar.close()
 
-    def _fit(self, head: str, x: torch.Tensor) -> None:
-        """One incremental step on the selected tokens; a batch with fewer tokens than components is skipped."""
+    @staticmethod
+    def _inputs(model: nn.Module, batch: Batch, heads: list[str], device: torch.device,
+                use_label_mask: bool) -> dict[str, torch.Tensor]:
+        """The selected rows (n, d) of each group's input in one forward pass of ``batch`` (all of a module's
+        calls in that pass together)."""
+        mask = token_mask(batch, use_label_mask)
+        rows: dict[str, list[torch.Tensor]] = {head: [] for head in heads}
+        with taps(model, heads, lambda head, x: rows[head].append(select_tokens(x, mask, head).float())):
+            _forward(model, batch, device)
+        return {head: torch.cat(parts) for head, parts in rows.items()}
+
+    def _fold(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """One batch: an incremental step of every pending group, then the ranks redistributed."""
+        for head in self.pending():
+            self._fit(head, inputs[head])
+        self.batches += 1
+        if all(pca.components is not None for pca in self.pcas.values()):
+            self.ranks = redistribute({n: self.pcas[h].explained_variance_ratio[:self.ks[n]]
+                                       for n, h in self.groups.items()}, self.budget)
+
+    def _fit(self, head: str, rows: torch.Tensor) -> None:
+        """One incremental step on the rows (n, d); a batch with fewer rows than components is skipped."""
         pca = self.pcas[head]
-        rows = select_tokens(x, self._mask, head).float()
         if rows.shape[0] < pca.n_components:
             return
         previous = pca.components

@@ -3,7 +3,9 @@
 A token counts when its ``attention_mask`` is 1 and, with the label mask, its own label (same
 position, PEFT's rule) is not ``-100``; a layer's input ``(B, T, d)`` becomes the rows ``(N, d)`` of
 the counted tokens. Layers that receive the very same input tensor (q/k/v after one norm, gate/up in a
-Llama MLP) are found by hashing their inputs on one batch and then share one PCA (PEFT's HashHook).
+Llama MLP) are found by hashing their inputs on one batch and then share one PCA (PEFT's HashHook). Under
+torch.distributed every rank's rows of one step are gathered to every rank (PEFT's ``gather_distributed_inputs``),
+so that each folds all of them in the same order.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from lorakit.data.encoding import IGNORE_INDEX
 from lorakit.errors import DataError, TargetError
+from lorakit.parallel.process_group import current_ranks, gather_rows
 
 
 def token_mask(batch: Mapping[str, torch.Tensor], use_label_mask: bool) -> torch.Tensor | None:
@@ -84,3 +87,17 @@ def input_groups(model: nn.Module, names: Sequence[str], forward: Callable[[], N
                           "for it; leave it out of the targets")
     first: dict[str, str] = {}
     return {name: first.setdefault(digests[name], name) for name in names}
+
+
+def gathered_inputs(inputs: Mapping[str, torch.Tensor] | None, widths: Mapping[str, int],
+                    device: torch.device) -> list[dict[str, torch.Tensor] | None]:
+    """Every rank's rows (n_r, d) of one step for each module in ``widths`` (module name -> d), in rank order;
+    ``None`` for a rank that had no batch (``inputs`` None). Every rank must pass the same modules in the same order.
+    A lone process gets ``[inputs]``."""
+    if not current_ranks().distributed:
+        return [None if inputs is None else dict(inputs)]
+    present = [bool(flag.item()) for flag in gather_rows(torch.tensor([[int(inputs is not None)]], device=device))]
+    per_module = {name: gather_rows(torch.zeros(0, width, device=device) if inputs is None else inputs[name])
+                  for name, width in widths.items()}
+    return [{name: rows[rank] for name, rows in per_module.items()} if here else None
+            for rank, here in enumerate(present)]

@@ -3,10 +3,15 @@
 ``G_l = (1/N) sum_k dL_k/dW_l``, where ``L_k`` is the mean next-token cross-entropy over the supervised
 tokens of batch ``k`` (Wang, Yu, Li 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
 arXiv 2407.05000, Sec. 3). Only the target weights require a gradient while the batches run; each
-weight's gradient is added to an fp32 sum on the CPU the moment autograd has accumulated it and is then
+weight's gradient is added to a float64 sum on the CPU the moment autograd has accumulated it and is then
 freed, so the accelerator holds about one weight's gradient at a time, never all of them (the CPU holds
-the sums: 4 bytes per target weight). Under ``torch.distributed`` the estimate is averaged over every
-rank's batches, so all ranks initialise identically.
+the sums: 8 bytes per target weight).
+
+Under ``torch.distributed`` each rank passes its own share of the batches (``Ranks.share``: batches ``r, r + N,
+...``) and the sums and counts are added over the ranks, so every rank gets the average over all of them and
+initialises identically. Summing a few fp32 gradients in float64 is exact unless their magnitudes differ by more
+than about 2^28, so the average, rounded to fp32 once at the end, is the one a lone process computes from all the
+batches, whichever rank summed which (LoRA-GA's SVD is sensitive enough to notice a change of summation order).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from lorakit.core.modes import module_mode
 from lorakit.errors import DataError, FormatError, TargetError
 from lorakit.io.files import load_metadata, load_tensors, save_tensors
 from lorakit.models.supervised_loss import summed_loss, supervised_tokens
+from lorakit.parallel.process_group import sum_across_ranks
 
 _BATCHES_KEY = "num_batches"
 
@@ -116,7 +122,7 @@ def estimate_gradients(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
 
     def collect(weight: torch.Tensor) -> None:  # runs once autograd has accumulated weight.grad
         name = owners[id(weight)]
-        grad = weight.grad.detach().to("cpu", torch.float32)
+        grad = weight.grad.detach().to("cpu", torch.float64)
         sums[name] = grad if sums[name] is None else sums[name].add_(grad)
         weight.grad = None
 
@@ -165,35 +171,15 @@ def collecting_gradients(model: nn.Module, weights: list[nn.Parameter],
 
 
 def _average(sums: dict[str, torch.Tensor | None], count: int, bases: dict[str, nn.Module]) -> GradientEstimate:
-    """``sum / count`` (over all ranks under torch.distributed), in the (d_out, d_in) layout.
+    """``sum / count`` over every rank's batches (module docstring), fp32, in the (d_out, d_in) layout.
 
     A weight no batch reached (not on the loss path) has gradient zero."""
-    totals = {name: torch.zeros(bases[name].weight.shape) if total is None else total
-              for name, total in sums.items()}
-    totals, count = _all_ranks(totals, count, next(iter(bases.values())).weight.device)
+    count = int(sum_across_ranks(torch.tensor([count])).item())
     if count == 0:
         raise DataError("no batch with supervised tokens to estimate LoRA-GA gradients from")
     grads = {}
-    for name, total in totals.items():
-        grad = total / count
+    for name, total in sums.items():  # every rank adds the same names in the same order
+        total = torch.zeros(bases[name].weight.shape, dtype=torch.float64) if total is None else total
+        grad = (sum_across_ranks(total) / count).float()
         grads[name] = grad.T.contiguous() if isinstance(kind_of(bases[name], name), Conv1DKind) else grad
     return GradientEstimate(grads, count)
-
-
-def _all_ranks(totals: dict[str, torch.Tensor], count: int,
-               device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
-    """Sum the gradient sums and batch counts over the ranks of the default process group, if any
-    (in one fixed order, so every rank joins the same collectives; NCCL needs them on the GPU)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return totals, count
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    batches = torch.tensor([float(count)], device=on)
-    dist.all_reduce(batches)
-    reduced = {}
-    for name, total in totals.items():
-        buffer = total.to(on)
-        dist.all_reduce(buffer)
-        reduced[name] = buffer.cpu()
-    return reduced, int(batches.item())
