@@ -72,3 +72,23 @@ def test_senseless_combinations_are_refused_before_anything_loads(base_dir, data
         finetune(data, tmp_path / "run", base=str(base_dir), lora=lora, config=config, progress=False,
                  quantize=quantize)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loftq_run_resumes_on_its_saved_bases_without_loading_the_full_precision_model(base_dir, data, tmp_path,
+                                                                                         monkeypatch):
+    config = TrainConfig(steps=4, batch_size=2, lr=1e-2, save_every=2, seed=3)
+    out = tmp_path / "run"
+    finetune(data, out, base=str(base_dir), lora=LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"),
+                                                            init="loftq"), config=config, progress=False)
+    straight = load_file(out / "adapter_model.safetensors")
+    (out / "checkpoints" / "step-4").rename(tmp_path / "later")  # resume from step 2
+
+    def no_full_precision_base(*args, **kwargs):
+        raise AssertionError("the resumed run loaded the full-precision base")
+
+    monkeypatch.setattr("lorakit.jobs.finetune.load_base", no_full_precision_base)
+    resume_finetune(out, progress=False)
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(resumed[key], straight[key]) for key in straight)
+    loaded, _ = load_directory(out, None)
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj.base_layer, NFLinear)

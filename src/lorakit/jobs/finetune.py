@@ -21,7 +21,9 @@ from lorakit.io.files import save_json
 from lorakit.models import DEFAULT_MODEL
 from lorakit.parallel.process_group import current_ranks
 from lorakit.quant.base_schemes import base_scheme
-from lorakit.quant.quantized_loading import load_base
+from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE
+from lorakit.quant.quantized_files import load_quantized
+from lorakit.quant.quantized_loading import load_base, load_with_quantized_linears
 from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.components import check_components
 from lorakit.train.distributed import barrier
@@ -71,6 +73,9 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     from_skeleton = config.fsdp and not config.full and lora.init not in DATA_DRIVEN_INITS
     if from_skeleton:  # no rank ever holds the whole base: each fills its shards after sharding
         model, tokenizer, files = load_skeleton(base)
+    elif resume and lora.init in QUANTIZING_INITS:  # the saved Q put in place as the base loads: never the fp32 model
+        model, tokenizer = load_with_quantized_linears(base, load_quantized(out / QUANTIZED_BASES_FILE),
+                                                       progress=progress)
     else:
         model, tokenizer = load_base(base, quantize, progress=progress)
     torch.manual_seed(config.seed)

@@ -54,12 +54,12 @@ def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 def fill_quantized(model: PreTrainedModel, tensors: Iterator[tuple[str, torch.Tensor]], targets: list[str],
                    build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module], *, progress: bool = False,
-                   total: int | None = None) -> None:
+                   total: int | None = None, desc: str = "quantizing the base") -> None:
     """Fill the skeleton ``model`` from ``(name, tensor)`` pairs, replacing each linear layer ``targets`` names by
     ``build(module_name, weight, bias)`` as soon as its weight (and bias, if it has one) has been read."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     needs_bias = {name: model.get_submodule(name).bias is not None for name in targets}
-    for key, tensor in tqdm(tensors, total=total, desc="quantizing the base", unit="tensor", disable=not progress):
+    for key, tensor in tqdm(tensors, total=total, desc=desc, unit="tensor", disable=not progress):
         module_name, _, leaf = key.rpartition(".")
         if module_name not in needs_bias:
             set_parameter(model, key, tensor)
@@ -121,7 +121,7 @@ def load_with_quantized_linears(name_or_path: str | os.PathLike[str], quantized:
         return NFLinear(quantized[module_name], bias)
 
     fill_quantized(model, _checkpoint_tensors(files), list(quantized), stored, progress=progress,
-                   total=sum(map(tensor_count, files)))
+                   total=sum(map(tensor_count, files)), desc="loading the quantized base")
     return finish_loading(model, load_tokenizer(source, name_or_path), source)
 
 

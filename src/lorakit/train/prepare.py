@@ -48,6 +48,7 @@ from lorakit.init.lq_lora import CONFIG_GRIDS, estimate_fisher, init_loftq, init
 from lorakit.methods.component import TrainingComponent
 from lorakit.mixtures.mixlora import MixLoraConfig, attach_mixlora
 from lorakit.parallel.process_group import current_ranks
+from lorakit.quant.nf_linear import NFLinear
 from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE, quantize_bases, save_quantized_adapter
 from lorakit.quant.quantized_files import load_quantized, save_quantized
 from lorakit.quant.quantized_tensor import NFTensor
@@ -148,11 +149,13 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
 
 def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedInitConfig, run_dir: Path,
                 resume: bool) -> PreparedAdapter:
-    """LQ-LoRA or LoftQ; a resumed run quantizes its bases from the saved Q (the checkpoint holds A and B)."""
+    """LQ-LoRA or LoftQ; a resumed run quantizes its bases from the saved Q (the checkpoint holds A and B), unless
+    they were loaded with it in place (``lorakit train --resume``: the job reads the base that way)."""
     if resume:
         attach(model, _placeholder(lora))
         quantized = load_quantized(run_dir / QUANTIZED_BASES_FILE)
-        quantize_bases(model, quantized)
+        quantize_bases(model, {name: weight for name, weight in quantized.items()
+                               if not isinstance(model.get_submodule(name).base_layer, NFLinear)})
         return PreparedAdapter(lora, [QuantizedAdapterExport(quantized, lora.init)], moves_base=True)
     fisher = None
     if lora.init == "lq-lora" and settings.fisher_batches:
