@@ -1,6 +1,6 @@
 """The data-driven inits' estimates from this rank's share of one batch order: ``torchrun ... estimates_worker.py
 OUT`` (or plain ``python``, alone, for the one-process estimates). Rank 0 writes LoRA-GA's gradients, the LQ-LoRA
-Fisher and EVA's estimate under ``OUT``."""
+Fisher, EVA's estimate and LQ-LoRA's cost sweep (each rank its share of the matrices) under ``OUT``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from lorakit import LoraConfig
 from lorakit.init.eva import estimate_eva
 from lorakit.init.lora_ga import estimate_gradients
-from lorakit.init.lq_lora import estimate_fisher
+from lorakit.init.lq_lora import SMALL_GRID, decomposition_costs, estimate_fisher
 from lorakit.io.files import save_tensors
 from lorakit.parallel.process_group import current_ranks
 from lorakit.train.distributed import start_process_group, stop_process_group
@@ -44,9 +44,13 @@ if __name__ == "__main__":
     fisher = estimate_fisher(tiny_llama(), share, targets=config, progress=False)
     # tau 1 never settles: every batch is folded, across the step boundaries of both ranks
     eva = {tau: estimate_eva(tiny_llama(), share, config, tau=tau, progress=False) for tau in (0.9, 1.0)}
+    linears = {name: module.weight for name, module in tiny_llama().named_modules() if name.endswith("_proj")}
+    costs = decomposition_costs(linears, {name: 2 for name in linears}, SMALL_GRID, max_iterations=3,
+                                progress=False)  # every rank sweeps its share of the matrices
     if current_ranks().main:
         save_tensors(out / "lora_ga.safetensors", {**grads, "num_batches": torch.tensor(grads.num_batches)})
         save_tensors(out / "fisher.safetensors", fisher)
+        save_tensors(out / "lq_lora_costs.safetensors", {"costs": torch.tensor(costs, dtype=torch.float64)})
         for tau, estimate in eva.items():
             estimate.save(out / f"eva-{tau}")
     if started:

@@ -177,9 +177,10 @@ def _children(pid: int) -> list[int]:
 
 
 METHODS = {
-    "lora-ga": ["--init", "lora-ga"],              # every rank estimates the same start from the same batches
+    "lora-ga": ["--init", "lora-ga"],              # each rank estimates from its share of the batches
     "eva": ["--init", "eva"],
     "loftq": ["--init", "loftq"],
+    "lq-lora": ["--init", "lq-lora", "--bits", "3", "--quant-iterations", "2"],  # each rank sweeps its share
     "dylora": ["--method", "dylora"],              # one nested rank a step, drawn alike on every rank
     "codyra": ["--method", "codyra"],
     "mixlora": ["--method", "mixlora"],            # experts that get no token on a rank

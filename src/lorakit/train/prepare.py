@@ -164,9 +164,10 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
     attach(model, _placeholder(lora))
     if lora.init == "lq-lora":
         decompositions = init_lq_lora(model, budget=settings.bits, grid=CONFIG_GRIDS[settings.grid], fisher=fisher,
-                                      max_iterations=settings.iterations or 100, chunks=settings.bit_chunks)
+                                      max_iterations=settings.iterations or 100, chunks=settings.bit_chunks,
+                                      progress=current_ranks().main)
     else:
-        decompositions = init_loftq(model, iterations=settings.iterations or 1)
+        decompositions = init_loftq(model, iterations=settings.iterations or 1, progress=current_ranks().main)
     quantized = {name: d.quantized for name, d in decompositions.items()}
     if current_ranks().main:  # every rank computed the same start; rank 0 keeps it
         save_quantized(run_dir / QUANTIZED_BASES_FILE, quantized)

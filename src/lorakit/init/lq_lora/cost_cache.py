@@ -5,7 +5,8 @@ program, not another sweep.
 
 The costs live in ``$LORAKIT_HOME/lq-lora-costs/<key>.json``, the key a SHA-256 over every input's bytes; a file
 that does not hold a finite (matrices, configs) table is ignored and recomputed, and a cache that cannot be written
-only warns.
+only warns. Under torch.distributed the ranks sweep together, so they use the stored table only when every rank
+finds it, and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from lorakit.io.files import save_json
 from lorakit.models.home import lorakit_home
+from lorakit.parallel.process_group import current_ranks, sum_across_ranks
 from lorakit.quant.nf_config import NFConfig
 
 Costs = list[list[float]]
@@ -62,9 +64,12 @@ def remembered_costs(key: str, rows: int, columns: int, compute: Callable[[], Co
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         stored = None
-    if _valid(stored, rows, columns):
+    missing = not _valid(stored, rows, columns)
+    if not sum_across_ranks(torch.tensor([int(missing)])).item():  # every rank has it (ranks sweep together)
         return stored
     costs = [[float(value) for value in row] for row in compute()]
+    if not current_ranks().main:
+        return costs
     try:
         save_json(path, costs)  # creates the directory
     except OSError as error:

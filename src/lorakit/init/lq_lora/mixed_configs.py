@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lorakit.init.lq_lora.allocation import allocate_in_chunks, check_chunks
 from lorakit.init.lq_lora.cost_cache import costs_key, remembered_costs
 from lorakit.init.lq_lora.decomposition import Decomposition, decompose
+from lorakit.parallel.process_group import current_ranks, gather_rows
 from lorakit.quant.nf_config import NFConfig, bits_per_parameter
 
 
@@ -26,17 +27,25 @@ def decomposition_costs(weights: Mapping[str, torch.Tensor], ranks: Mapping[str,
                         fisher: Mapping[str, torch.Tensor] | None = None, max_iterations: int = 100,
                         progress: bool = True) -> list[list[float]]:
     """``cost_ic``, the squared (Fisher-weighted) error of weight i decomposed under config c: (matrices, configs),
-    the weights in ``weights``' order. The sweep is the slow part; budgets can share one."""
-    costs = []  # (matrices, configs)
-    with tqdm(total=len(weights) * len(grid), disable=not progress, desc="lq-lora configs",
+    the weights in ``weights``' order. The sweep is the slow part; budgets can share one.
+
+    Under torch.distributed every rank passes the same weights, sweeps its share of the matrices
+    (``Ranks.share``: matrices ``r, r + N, ...``) and gathers the others' rows, so each rank gets the whole table,
+    the one a lone process computes (each decomposition is deterministic)."""
+    names = list(weights)
+    mine = current_ranks().share(range(len(names)))
+    rows = []  # (own matrices, 1 + configs): the matrix's index, then its costs
+    with tqdm(total=len(mine) * len(grid), disable=not progress, desc="lq-lora configs",
               unit="decomposition") as bar:
-        for name in weights:
-            row = []
+        for index in mine:
+            row = [float(index)]
             for config in grid:
-                row.append(_decompose(weights, ranks, name, config, fisher, max_iterations).error ** 2)
+                row.append(_decompose(weights, ranks, names[index], config, fisher, max_iterations).error ** 2)
                 bar.update()
-            costs.append(row)
-    return costs
+            rows.append(row)
+    swept = torch.cat(gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, 1 + len(grid))))
+    by_index = {int(row[0]): row[1:].tolist() for row in swept}
+    return [by_index[index] for index in range(len(names))]
 
 
 def mixed_decompositions(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], grid: Sequence[NFConfig],
