@@ -239,6 +239,9 @@ class TrainConfig:
     the operating system (glibc's ``mallopt``; :mod:`lorakit.train.allocator`): on a CPU each step then skips
     re-mapping its activations (5-8% of a step on the default model), at the cost of holding up to 1 GiB
     of freed memory while training. The previous settings are restored when ``train()`` returns."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder block's inputs in the forward and recompute the block in the backward
+    (:mod:`lorakit.train.recompute`): less activation memory for about a third more compute."""
     compile: bool = False
     """Compile the model's decoder body with ``torch.compile`` for the training steps
     (:mod:`lorakit.train.compiled`): less activation memory, after a compilation of minutes; for long runs."""

@@ -191,6 +191,8 @@ METHODS = {
     "nf4": ["--quantize", "nf4"],
     "fsdp-lora-ga": ["--fsdp", "--init", "lora-ga"],  # inits computed before sharding (the one process: no --fsdp)
     "fsdp-eva": ["--fsdp", "--init", "eva"],
+    "checkpointing": ["--gradient-checkpointing"],
+    "fsdp-checkpointing": ["--fsdp", "--gradient-checkpointing"],  # blocks recomputed inside FSDP2's units
 }
 LOOSER = {"fsdp-lora-ga": 1e-4}
 """FSDP takes the loss from the model's full logits, one process from lorakit's fused head loss: the same sum in
@@ -233,6 +235,7 @@ def test_every_training_command_trains_on_two_ranks_as_in_one_process(base_dir, 
         "xlora": ["xlora", "train", *[a for n, p in experts.items() for a in ("--expert", f"{n}={p}")], "--layerwise"],
         "meteora": ["meteora", "train", *[a for n, p in experts.items() for a in ("--adapter", f"{n}={p}")]],
     }
+    mixtures |= {f"{name}-checkpointing": [*flags, "--gradient-checkpointing"] for name, flags in mixtures.items()}
 
     def command(name: str, out: Path, grad_accum: int) -> list[str]:
         common = ["--out", str(out / name), "--base", str(base_dir), "--steps", "3", "--grad-accum", str(grad_accum)]
@@ -254,6 +257,8 @@ def test_every_training_command_trains_on_two_ranks_as_in_one_process(base_dir, 
         _run([*(launch or [sys.executable]), worker, str(commands)], timeout=600)
     for name in names:
         _same_outputs(tmp_path / "ranks" / name, tmp_path / "single" / name, atol=LOOSER.get(name, 1e-5))
+    for name in ("xlora", "meteora"):  # recomputing the blocks changes nothing (the classifier's pass included)
+        _same_outputs(tmp_path / "single" / f"{name}-checkpointing", tmp_path / "single" / name, atol=1e-6)
 
 
 def test_fsdp_shards_the_model_and_trains_the_data_parallel_adapter(base_dir, data, two_ranks, tmp_path):

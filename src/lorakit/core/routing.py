@@ -197,6 +197,21 @@ class RoutingState:
             return NO_ADAPTERS
         return self.call if self.call is not None else self.standing
 
+    def snapshot(self) -> tuple[StaticRouting, CallRouting | None, bool]:
+        """Everything :meth:`current` reads, to run a forward again as it ran now (:meth:`restored`)."""
+        return self.standing, self.call, self.disabled
+
+    @contextmanager
+    def restored(self, snapshot: tuple[StaticRouting, CallRouting | None, bool]) -> Iterator[None]:
+        """Inside the block, route as when ``snapshot`` was taken (a recomputed forward: activation
+        checkpointing runs a block again in the backward, after the forward's routing has ended)."""
+        previous = self.snapshot()
+        self.standing, self.call, self.disabled = snapshot
+        try:
+            yield
+        finally:
+            self.standing, self.call, self.disabled = previous
+
     @contextmanager
     def override(self, routing: CallRouting, known: Sequence[str]) -> Iterator[None]:
         """Use ``routing`` instead of the standing choice inside the block; its names must be ``known``."""

@@ -64,6 +64,7 @@ from lorakit.train.components import adamw, components_for
 from lorakit.train.distributed import gathered_rng_states, sum_gradients
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.output import save_result
+from lorakit.train.recompute import recomputed_blocks
 from lorakit.train.schedule import learning_rate
 from lorakit.train.sharding import (
     clip_gradients,
@@ -170,7 +171,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
                clip_groups, ranks, row_adapters)
     if ranks.distributed:
         log.write(step=start.step, parameter_bytes_per_rank=local_parameter_bytes(model))
-    with freed_memory_kept(config.keep_freed_memory), compiled_body(model, config.compile):
+    with freed_memory_kept(config.keep_freed_memory), recomputed_blocks(model, config.gradient_checkpointing), \
+            compiled_body(model, config.compile):
         train_loss = run.steps_from(start.step, eval_encoded, pad_id(tokenizer), progress)
     for component in components:
         component.finish()

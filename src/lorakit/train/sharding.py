@@ -37,13 +37,15 @@ from lorakit.parallel.process_group import current_ranks
 from lorakit.quant.quantized_loading import weight_files
 
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the modules whose class the model lists in ``_no_split_modules``."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [module for module in model.modules() if type(module).__name__ in names]
+def decoder_blocks(model: nn.Module, flag: str = "--fsdp") -> list[nn.Module]:
+    """The model's repeated blocks: the modules whose class (or a base class: FSDP2 subclasses what it shards) a
+    Hugging Face model inside ``model`` lists in ``_no_split_modules``; ``flag`` names the option that needs them
+    when there are none."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    blocks = [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
     if not blocks:
-        raise ConfigError(f"--fsdp shards a model block by block, and {type(model).__name__} names no blocks "
-                          "(_no_split_modules); train it without --fsdp")
+        raise ConfigError(f"{flag} works block by block, and {type(model).__name__} names no blocks "
+                          f"(_no_split_modules); train it without {flag}")
     return blocks
 
 
