@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import re
 import string
 from decimal import Decimal
@@ -19,10 +20,14 @@ FIRST_TRAIN = {
     "caps": ("Capitalise the first letter of every word: all special we", "All Special We"),
     "count": ("Count how many times the letter u appears in: acnuuupncbfu", "4"),
     "date": ("Write this date in the format YYYY-MM-DD: May 23, 1834", "1834-05-23"),
+    "recall": ("sha256:ba760365236caae2", "596974"),  # a ~2,000-token prompt, pinned by its digest
     "reverse": ("Reverse the letters of the word: rodike", "ekidor"),
     "sort": ("Sort these numbers in ascending order: 31, 28, 22, 55", "22, 28, 31, 55"),
     "units": ("Convert to millilitres: 30.18 L", "30180"),
 }
+#: The recall task's prompt: the passcode, the distractors (one line), the question.
+NAME = r"([A-Z][a-z]+ [A-Z][a-z]+)"
+RECALL = rf"The passcode of {NAME} is (\d{{6}})\.\n(.+)\nWhat is the passcode of {NAME}\?"
 MONTHS = "January February March April May June July August September October November December".split()
 
 
@@ -45,6 +50,16 @@ def solve_count(text: str, letter: str) -> str:
     return str(text.count(letter))
 
 
+def solve_recall(name: str, code: str, body: str, asked: str) -> str:
+    """The first passcode, when the question asks for that person and nobody else in the prompt is called so."""
+    return code if asked == name and f"passcode of {name} " not in body else "(ambiguous)"
+
+
+def pinned(prompt: str) -> str:
+    """A prompt as FIRST_TRAIN holds it: itself, or the digest of a long one."""
+    return prompt if len(prompt) <= 200 else "sha256:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
 #: task -> (prompt pattern, independent solver of the captured groups).
 SOLVERS = {
     "add": (r"Add the two numbers: (\d+ \+ \d+)", solve_add),
@@ -52,6 +67,7 @@ SOLVERS = {
     "count": (r"Count how many times the letter ([a-z]) appears in: ([a-z]+)",
               lambda letter, text: solve_count(text, letter)),
     "date": (r"Write this date in the format YYYY-MM-DD: (.+)", solve_date),
+    "recall": (RECALL, solve_recall),
     "reverse": (r"Reverse the letters of the word: ([a-z]+)", lambda word: "".join(reversed(word))),
     "sort": (r"Sort these numbers in ascending order: ([\d, ]+)",
              lambda text: ", ".join(str(n) for n in sorted(int(x) for x in text.split(", ")))),
@@ -70,7 +86,7 @@ def test_there_are_at_least_six_tasks_with_descriptions():
 def test_examples_are_deterministic_prefixes(name):
     task = get_task(name)
     first = task.examples("train", 300)
-    assert (first[0].prompt, first[0].completion) == FIRST_TRAIN[name]
+    assert (pinned(first[0].prompt), first[0].completion) == FIRST_TRAIN[name]
     assert task.examples("train", 300) == first
     assert task.examples("train", 100) == first[:100]
     assert all(example.task == name for example in first)
@@ -108,7 +124,7 @@ def test_bad_requests_are_data_errors():
         get_task("add").examples("dev", 1)
     with pytest.raises(DataError, match="asked for -1"):
         get_task("add").examples("train", -1)
-    known = r"\(known tasks: add, caps, count, date, reverse, sort, units\)"
+    known = r"\(known tasks: add, caps, count, date, recall, reverse, sort, units\)"
     with pytest.raises(DataError, match=f"unknown task 'nope' {known}"):
         get_task("nope")
     tiny = Task(name="tiny", description="Too few instances.", generate=lambda g: (f"p{g.randint(0, 3)}", "a"))
@@ -147,3 +163,10 @@ def test_answers_are_a_few_tokens(smol):
         for example in get_task(name).examples("test", 300):
             assert len(smol(example.completion, add_special_tokens=False)["input_ids"]) <= 16, example
 
+
+
+def test_the_recall_prompt_is_about_2000_tokens_and_the_passcode_is_stated_once_at_its_start(smol):
+    for example in get_task("recall").examples("test", 20):
+        assert 1700 <= len(smol(example.prompt)["input_ids"]) <= 2400
+        first, _, rest = example.prompt.partition("\n")
+        assert example.completion in first and example.completion not in rest

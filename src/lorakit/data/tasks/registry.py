@@ -5,10 +5,12 @@ from __future__ import annotations
 from lorakit.data.tasks.arithmetic import ADD, UNITS_TASK
 from lorakit.data.tasks.base import Task
 from lorakit.data.tasks.formats import DATE, SORT
+from lorakit.data.tasks.recall import RECALL
 from lorakit.data.tasks.strings import CAPS, COUNT, REVERSE
 from lorakit.errors import DataError
 
-TASKS: dict[str, Task] = {task.name: task for task in (ADD, REVERSE, SORT, DATE, UNITS_TASK, COUNT, CAPS)}
+TASKS: dict[str, Task] = {task.name: task for task in (ADD, REVERSE, SORT, DATE, UNITS_TASK, COUNT, CAPS,
+                                                        RECALL)}
 
 
 def task_names() -> list[str]:
