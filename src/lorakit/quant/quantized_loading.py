@@ -82,7 +82,7 @@ def load_quantized_base(name_or_path: str | os.PathLike[str], scheme: str = "nf4
     tokenizer; the model in eval mode. With ``cache``, ``nf4`` reads (or first writes) the quantized base cached
     under ``lorakit_home()/quantized``."""
     chosen = base_scheme(scheme)
-    source = _local_source(name_or_path, "--quantize")
+    source = local_source(name_or_path, "--quantize")
     files = weight_files(Path(source))
     if chosen.transformers_config is not None:
         return _load_by_transformers(source, name_or_path, chosen.transformers_config())
@@ -106,7 +106,7 @@ def load_with_quantized_linears(name_or_path: str | os.PathLike[str], quantized:
     an :class:`NFLinear` of its stored weight (the checkpoint's bias kept) while the checkpoint is read, and its
     tokenizer; the model in eval mode. The full-precision weights of those layers are read one at a time and
     dropped, so the process never holds them all (LQ-LoRA's and LoftQ's bases, rebuilt without the fp32 model)."""
-    source = _local_source(name_or_path, "a quantized base")
+    source = local_source(name_or_path, "a quantized base")
     files = weight_files(Path(source))
     model = causal_lm_skeleton(AutoConfig.from_pretrained(source))
     layers = dict(model.named_modules())
@@ -130,8 +130,9 @@ def _shape_of(layer: nn.Module) -> object:
     return tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
 
 
-def _local_source(name_or_path: str | os.PathLike[str], what: str) -> str:
-    """The local directory ``name_or_path`` resolves to; a :class:`ModelError` when it is not one."""
+def local_source(name_or_path: str | os.PathLike[str], what: str) -> str:
+    """The local directory ``name_or_path`` resolves to; a :class:`ModelError` saying ``what`` needs it when it is
+    not one."""
     source = resolve_source(name_or_path)
     if not Path(source).is_dir():
         raise ModelError(f"{what} needs the model's files on disk; {os.fspath(name_or_path)!r} is not a local "

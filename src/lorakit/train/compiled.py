@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lorakit.train.wrapped_forward import wrapped_forwards
+
 
 @contextlib.contextmanager
 def compiled_body(model: nn.Module, enabled: bool = True) -> Iterator[None]:
@@ -28,13 +30,5 @@ def compiled_body(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    body = getattr(model, "base_model", model)
-    own = vars(body).get("forward")  # an instance attribute (a hook library's wrapper), or None
-    body.forward = torch.compile(body.forward)
-    try:
+    with wrapped_forwards([getattr(model, "base_model", model)], torch.compile):
         yield
-    finally:
-        if own is None:
-            del body.forward
-        else:
-            body.forward = own

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from lorakit.core.routing import RoutingState
 from lorakit.core.state import STATE_ATTR
 from lorakit.train.sharding import decoder_blocks
+from lorakit.train.wrapped_forward import wrapped_forwards
 
 
 @contextlib.contextmanager
@@ -33,20 +35,10 @@ def recomputed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    blocks = decoder_blocks(model, "--gradient-checkpointing")
-    own = [vars(block).get("forward") for block in blocks]  # instance attributes (a hook library's), or None
     routing = next((state.routing for state in (getattr(m, STATE_ATTR, None) for m in model.modules()) if state),
                    None)  # the adapters' routing, on the model lorakit attached to (inside a mixture's wrapper)
-    for block in blocks:
-        block.forward = _checkpointed(block.forward, routing)
-    try:
+    with wrapped_forwards(decoder_blocks(model, "--gradient-checkpointing"), partial(_checkpointed, routing=routing)):
         yield
-    finally:
-        for block, forward in zip(blocks, own, strict=True):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
 
 
 def _checkpointed(forward: Callable, routing: RoutingState | None) -> Callable:

@@ -31,10 +31,10 @@ from transformers import AutoConfig
 
 from lorakit.errors import ConfigError, ModelError
 from lorakit.io.streamed_tensors import stream_tensors
-from lorakit.models.load import finish_loading, load_tokenizer, resolve_source
+from lorakit.models.load import finish_loading, load_tokenizer
 from lorakit.models.skeleton import causal_lm_skeleton
 from lorakit.parallel.process_group import current_ranks
-from lorakit.quant.quantized_loading import weight_files
+from lorakit.quant.quantized_loading import local_source, weight_files
 
 
 def decoder_blocks(model: nn.Module, flag: str = "--fsdp") -> list[nn.Module]:
@@ -72,10 +72,7 @@ def shard_model(model: nn.Module) -> None:
 def load_skeleton(name_or_path: str) -> tuple[nn.Module, object, list[Path]]:
     """The model ``name_or_path`` names with its parameters on the meta device, its tokenizer and its weight files
     (to fill after sharding: :func:`shard_and_fill`)."""
-    source = resolve_source(name_or_path)
-    if not Path(source).is_dir():
-        raise ModelError(f"--fsdp reads the model's weights shard by shard from disk; {name_or_path!r} is not a "
-                         "local directory (hub ids are not downloaded)")
+    source = local_source(name_or_path, "--fsdp (it reads the weights shard by shard)")
     model = causal_lm_skeleton(AutoConfig.from_pretrained(source))
     model, tokenizer = finish_loading(model, load_tokenizer(source, name_or_path), source)
     return model, tokenizer, weight_files(Path(source))
