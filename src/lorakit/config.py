@@ -147,6 +147,8 @@ def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
 
 
 QUANTIZED_INIT_GRIDS = ("small", "lq-lora")
+SPARSE_CHUNK_ESTIMATORS = ("paper", "unbiased")
+"""How SpaCO draws and weights its chunks (:mod:`lorakit.train.chunk_weights`)."""
 """The names of LQ-LoRA's candidate config grids (:data:`lorakit.init.lq_lora.CONFIG_GRIDS`)."""
 
 
@@ -245,6 +247,16 @@ class TrainConfig:
     compile: bool = False
     """Compile the model's decoder body with ``torch.compile`` for the training steps
     (:mod:`lorakit.train.compiled`): less activation memory, after a compilation of minutes; for long runs."""
+    chunk_size: int | None = None
+    """SeCO: back-propagate each sequence chunk by chunk, this many tokens a chunk, with the exact gradient
+    (:mod:`lorakit.train.chunked`): activation memory of one chunk's graph plus the key/value cache and its
+    gradient, for one extra forward of the sequence."""
+    sparse_chunks: int | None = None
+    """SpaCO: back-propagate only this many chunks of each sequence (needs ``chunk_size``), drawn anew for each
+    micro-batch and weighted to compensate (:mod:`lorakit.train.chunk_weights`)."""
+    sparse_chunk_estimator: str = "paper"
+    """How SpaCO draws and weights its chunks, one of ``SPARSE_CHUNK_ESTIMATORS``
+    (:mod:`lorakit.train.chunk_weights`)."""
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.epochs is None, "steps", self.steps,
@@ -269,6 +281,14 @@ class TrainConfig:
                  "a positive number or None")
         _require(self.warmup_steps is None or (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0),
                  "warmup_steps", self.warmup_steps, "a non-negative integer or None")
+        for name in ("chunk_size", "sparse_chunks"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and value > 0), name, value,
+                     "a positive integer or None")
+        _require(self.sparse_chunks is None or self.chunk_size is not None, "sparse_chunks", self.sparse_chunks,
+                 "SpaCO samples chunks: set chunk_size too")
+        _require(self.sparse_chunk_estimator in SPARSE_CHUNK_ESTIMATORS, "sparse_chunk_estimator",
+                 self.sparse_chunk_estimator, f"one of {', '.join(SPARSE_CHUNK_ESTIMATORS)}")
 
     def total_steps(self, n_examples: int, ranks: int = 1) -> int:
         """The number of optimizer steps for ``n_examples`` training examples (on ``ranks`` data-parallel

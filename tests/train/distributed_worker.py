@@ -15,9 +15,11 @@ if __name__ == "__main__":
     finished = False
     try:
         for argv in json.loads(open(sys.argv[1]).read()):
+            print("command:", " ".join(argv[:2]), argv[argv.index("--out") + 1], file=sys.stderr, flush=True)
             status = main(argv)
             if status:
                 raise SystemExit(status)
         finished = True
+        print("all commands finished", file=sys.stderr, flush=True)
     finally:
         stop_process_group(finished=finished)

@@ -117,6 +117,11 @@ CASES = {
     "joint": Case(model=two_adapters, components=joint, result="a", view=lambda m: lorakit.active(m, "a")),
     "lora-ga": Case(init="lora-ga"),
     "meteora": Case(model=meteora, components=meteora_components, examples=tasks, into=with_task_adapters),
+    "seco": with_config(chunk_size=7),
+    "spaco": with_config(chunk_size=7, sparse_chunks=2),  # each micro-batch's draw, again on resume
+    "spaco-unbiased": with_config(chunk_size=7, sparse_chunks=2, sparse_chunk_estimator="unbiased"),
+    "joint-seco": Case(config=dataclasses.replace(BASE, chunk_size=7), model=two_adapters, components=joint,
+                       result="a", view=lambda m: lorakit.active(m, "a")),
 }
 
 

@@ -19,14 +19,22 @@ LORA = ConfigFlags(LoraConfig, exclude=("init",), spellings={"use_rslora": "--rs
                    parsers={"targets": module_names, "exclude": module_names})
 """The adapter's flags (``init`` is ``lorakit train --init``, which also offers the data-driven inits)."""
 
+SPARSE_CHUNK_ESTIMATES = {
+    "paper": "exactly K chunks, weights N/K (the paper; cross-chunk terms shrink by N(K-1)/(K(N-1)))",
+    "unbiased": "each chunk with probability K/N, weights N/K (expected gradient: SeCO's)",
+}
+
 TRAIN = ConfigFlags(TrainConfig, spellings={"options": "--option"},
-                    choices={name: {key: entry.summary for key, entry in registry.items()}
-                             for name, registry in (("optimizer", OPTIMIZERS), ("method", METHODS),
-                                                    ("regularizer", REGULARIZERS))})
+                    choices={**{name: {key: entry.summary for key, entry in registry.items()}
+                                for name, registry in (("optimizer", OPTIMIZERS), ("method", METHODS),
+                                                       ("regularizer", REGULARIZERS))},
+                             "sparse_chunk_estimator": SPARSE_CHUNK_ESTIMATES})
 """The training run's flags."""
 
-MIXTURE_TRAIN = dataclasses.replace(TRAIN, exclude=("full", "optimizer", "method", "regularizer", "options"))
-"""The training flags of a mixture's own training (``xlora train``, ``meteora train``): no method to choose."""
+MIXTURE_TRAIN = dataclasses.replace(TRAIN, exclude=("full", "optimizer", "method", "regularizer", "options",
+                                                   "chunk_size", "sparse_chunks", "sparse_chunk_estimator"))
+"""The training flags of a mixture's own training (``xlora train``, ``meteora train``): no method to choose, and
+no chunk-wise training (X-LoRA runs the base twice per forward)."""
 
 
 def command(commands, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, *,

@@ -24,8 +24,9 @@ from lorakit.quant.base_schemes import base_scheme
 from lorakit.quant.quantized_adapter import QUANTIZED_BASES_FILE
 from lorakit.quant.quantized_files import load_quantized
 from lorakit.quant.quantized_loading import load_base, load_with_quantized_linears
+from lorakit.train.chunked import check_chunkwise
 from lorakit.train.combinations import check_combination, prepared_lora
-from lorakit.train.components import check_components
+from lorakit.train.components import check_components, components_for
 from lorakit.train.distributed import barrier
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.prepare import PreparedAdapter, prepare_adapter
@@ -63,6 +64,7 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     out = Path(out)
     check_components(config)
     check_combination(lora, config)
+    check_chunkwise(config, components_for(config))
     lora = prepared_lora(lora, config)
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None

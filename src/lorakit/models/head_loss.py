@@ -25,6 +25,11 @@ written into the block ran 1.19x faster than one (341 x 49,152) product (MKL, me
 ``docs/results/performance.md``); a GPU gets the one large product."""
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision losses are computed in: fp32 for fp32 and narrower models, fp64 for fp64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def fusable_head(head: nn.Module) -> bool:
     """Whether ``head`` is a plain linear layer whose parameters take no gradient (the fused path's case)."""
     return (type(head) is nn.Linear and not head.weight.requires_grad
@@ -32,7 +37,8 @@ def fusable_head(head: nn.Module) -> bool:
 
 
 def head_token_losses(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """Each token's ``logsumexp(z_i) - z_{i,y_i}`` for ``z = head(hidden)``, ``(M,)`` in fp32, differentiable
+    """Each token's ``logsumexp(z_i) - z_{i,y_i}`` for ``z = head(hidden)``, ``(M,)`` in fp32 (fp64 for an fp64
+    model: :func:`loss_dtype`), differentiable
     in ``hidden`` (see the module docstring); ``head`` must satisfy :func:`fusable_head`."""
     return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
 
@@ -41,10 +47,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         wants_grad = ctx.needs_input_grad[0]
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        dtype = loss_dtype(hidden.dtype)
+        losses = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         grad = torch.empty_like(hidden) if wants_grad else None
         rows = max(1, LOGITS_BLOCK_ELEMENTS // weight.shape[0])
-        block = hidden.new_empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
+        block = hidden.new_empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=dtype)
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
             chunk = hidden[part]

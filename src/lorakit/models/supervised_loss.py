@@ -28,7 +28,7 @@ from lorakit.core.activation import mixed_batch
 from lorakit.core.layer import LoraLayer
 from lorakit.core.records import Records, recording
 from lorakit.data.encoding import IGNORE_INDEX
-from lorakit.models.head_loss import fusable_head, head_token_losses
+from lorakit.models.head_loss import fusable_head, head_token_losses, loss_dtype
 
 HEAD_ON_LAST_HIDDEN = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
 """Model families whose ``*ForCausalLM`` computes ``logits = get_output_embeddings()(base_model(...)[0])``."""
@@ -92,34 +92,46 @@ def _body_and_head(model: nn.Module, per_row: bool) -> tuple[nn.Module, nn.Modul
     return body, head
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)``: at position ``t`` the label of token ``t + 1`` (what position ``t``'s logits predict), and
+    ``IGNORE_INDEX`` at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def supervised_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> SupervisedLogits:
     """The supervised positions' logits of ``batch`` (keys as :func:`_model_inputs`; ``adapter_per_row``
     routes each row to its own adapter), computed at those positions only where the model allows."""
     inputs = _model_inputs(model, batch)
-    labels = batch["labels"].to(inputs["input_ids"].device)
-    mask = labels[:, 1:] != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
-    targets = labels[:, 1:][mask]
-    per_row = batch.get("adapter_per_row")
+    targets = next_token_labels(batch["labels"].to(inputs["input_ids"].device))
+    return outputs_at_targets(model, inputs, targets, batch.get("adapter_per_row"))
+
+
+def outputs_at_targets(model: nn.Module, inputs: dict, targets: torch.Tensor,
+                       per_row: list[str] | None = None) -> SupervisedLogits:
+    """The forward of ``model`` on ``inputs`` (on its device), kept at the positions whose ``targets`` ``(B, T)``
+    (one per input position, :func:`next_token_labels`) are not ``IGNORE_INDEX``."""
+    mask = targets != IGNORE_INDEX
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(mask)[mask]
     split = _body_and_head(model, per_row is not None)
     if split is None:
         if per_row is not None:
-            inputs["adapter_per_row"] = per_row
+            inputs = {**inputs, "adapter_per_row": per_row}
         with recording() as records:
-            logits = model(**inputs).logits[:, :-1][mask]
-        return SupervisedLogits(targets, rows, labels.shape[0], logits=logits, records=records)
+            logits = model(**inputs).logits[mask]
+        return SupervisedLogits(targets[mask], rows, targets.shape[0], logits=logits, records=records)
     body, head = split
     with recording() as records, mixed_batch(model, per_row) if per_row is not None else contextlib.nullcontext():
         hidden = body(**inputs)[0]
-    return SupervisedLogits(targets, rows, labels.shape[0], hidden=hidden[:, :-1][mask], head=head, records=records)
+    return SupervisedLogits(targets[mask], rows, targets.shape[0], hidden=hidden[mask], head=head, records=records)
 
 
 def token_losses(outputs: SupervisedLogits) -> torch.Tensor:
-    """Each supervised token's next-token cross-entropy, ``(M,)`` in fp32: fused with a frozen linear
-    head (:mod:`lorakit.models.head_loss`) unless the logits were already asked for."""
+    """Each supervised token's next-token cross-entropy, ``(M,)`` in fp32 (fp64 for an fp64 model): fused with a
+    frozen linear head (:mod:`lorakit.models.head_loss`) unless the logits were already asked for."""
     if not outputs.has_logits and outputs.hidden is not None and fusable_head(outputs.head):
         return head_token_losses(outputs.hidden, outputs.head, outputs.targets)
-    return F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="none")
+    logits = outputs.logits
+    return F.cross_entropy(logits.to(loss_dtype(logits.dtype)), outputs.targets, reduction="none")
 
 
 def logits_loss(outputs: SupervisedLogits) -> torch.Tensor:

@@ -6,7 +6,7 @@ EVA with DyLoRA (EVA's components are ordered by explained variance, so they nes
 LoRA-Pro or ALLoRA, BA-LoRA with anything but L4Q (runs whose base weights move, LoRA-GA and full
 fine-tuning, compare with a frozen copy of the model as the run starts). ALLoRA and CoDyRA are scaling-free:
 :func:`scale_free` sets ``alpha`` so that ``s = 1``. ``--fsdp`` takes AdamW and plain LoRA (any init that does not
-quantize), which step shard by shard.
+quantize), which step shard by shard, on whole sequences (not ``--chunk-size``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def _check_sharded(lora: LoraConfig, config: TrainConfig) -> None:
     if lora.init in QUANTIZING_INITS:
         raise ConfigError(f"--fsdp shards parameters, and --init {lora.init} makes the base quantized codes, "
                           "which FSDP2 does not shard; train it without --fsdp")
+    if config.chunk_size is not None:
+        raise ConfigError("--fsdp gathers each unit's weights in every forward, with every rank at once, and "
+                          "--chunk-size runs as many forwards as each rank's sequences have chunks; train it "
+                          "data-parallel (without --fsdp)")
 
 
 def scale_free(lora: LoraConfig) -> LoraConfig:

@@ -21,6 +21,7 @@ combined.
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -59,6 +60,7 @@ from lorakit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lorakit.train.chunked import ChunkwiseBackward, chunkwise_backward
 from lorakit.train.compiled import compiled_body
 from lorakit.train.components import adamw, components_for
 from lorakit.train.distributed import gathered_rng_states, sum_gradients
@@ -145,6 +147,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     for component in components:
         component.attach(model)
     parameters = _trainable(model, config.full)
+    chunked = chunkwise_backward(config, components)
     if config.fsdp:
         if not is_sharded(model):  # lorakit train shards its skeleton as it fills it (sharding.shard_and_fill)
             shard_model(model)
@@ -168,7 +171,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     row_adapters = sorted({e.adapter for e in encoded if e.adapter is not None})
     clip_groups = adapter_parameter_groups(model, row_adapters) if row_adapters else [parameters]
     run = _Run(model, optimizer, config, total, batches, start.data, log, writes, components, parameters,
-               clip_groups, ranks, row_adapters)
+               clip_groups, ranks, row_adapters, chunked)
     if ranks.distributed:
         log.write(step=start.step, parameter_bytes_per_rank=local_parameter_bytes(model))
     with freed_memory_kept(config.keep_freed_memory), recomputed_blocks(model, config.gradient_checkpointing), \
@@ -215,7 +218,7 @@ class _Run:
     def __init__(self, model, optimizer, config: TrainConfig, total: int, batches: Batches, data: Position,
                  log: MetricsLog, out: Path | None, components: Sequence[TrainingComponent],
                  parameters: list[nn.Parameter], clip_groups: list[list[nn.Parameter]], ranks: Ranks,
-                 row_adapters: list[str]) -> None:
+                 row_adapters: list[str], chunked: ChunkwiseBackward | None) -> None:
         self.model, self.optimizer, self.config, self.components = model, optimizer, config, components
         self.parameters, self.clip_groups = parameters, clip_groups
         """Parameters whose gradient norm is clipped together: all of them, or each adapter's own."""
@@ -223,7 +226,10 @@ class _Run:
         """``out``: where checkpoints go (None on ranks other than 0)."""
         self.batches, self.positions, self.next_data = batches, batches.positions(data), data
         self.warmup = config.warmup_for(total)
-        self.ranks, self.row_adapters = ranks, row_adapters
+        self.ranks, self.row_adapters, self.chunked = ranks, row_adapters, chunked
+        """``chunked``: back-propagates each micro-batch chunk by chunk (SeCO, SpaCO), or None."""
+        self.first_micro_batch = ranks.rank * config.grad_accum
+        """The index of this rank's first micro-batch among the step's (over all ranks)."""
         self.micro_batches = config.grad_accum * ranks.world
         """Micro-batches per optimizer step over all ranks; this rank trains ``grad_accum`` of them."""
         self.reduced_bytes = 0
@@ -274,13 +280,17 @@ class _Run:
         task_loss_of = self._task_loss(batches)
         task_loss, terms = 0.0, {}
         for index, batch in enumerate(batches):
+            if self.chunked is not None:
+                task_loss += self.chunked(self.model, batch, task_loss_of, step=step,
+                                          micro_batch=self.first_micro_batch + index,
+                                          check=lambda value: self._check_finite(step, value))
+                continue
             set_gradient_sync(self.model, index == len(batches) - 1)  # FSDP: reduce after the last micro-batch
             outputs = supervised_outputs(self.model, batch)
             extra = self._extra_losses(batch, outputs)  # first: logits they ask for are reused
             loss = task_loss_of(outputs, batch)
             total = loss + sum(extra.values(), torch.zeros((), device=outputs.device))
-            if not torch.isfinite(total):
-                self._diverged(step, total.item())
+            self._check_finite(step, total.item())
             total.backward()
             task_loss += loss.item()
             for name, value in extra.items():
@@ -324,7 +334,7 @@ class _Run:
     def _own_batches(self) -> list[dict]:
         """This rank's micro-batches of the step: ``grad_accum`` consecutive ones of the step's ``grad_accum x
         world`` (module docstring of :mod:`lorakit.train.distributed`); the others are skipped uncollated."""
-        first = self.ranks.rank * self.config.grad_accum
+        first = self.first_micro_batch
         own = []
         for index in range(self.micro_batches):
             position, indices = next(self.positions)
@@ -342,6 +352,10 @@ class _Run:
         summed = sum_across_ranks(torch.tensor([task_loss, float(tokens), *(terms[n] for n in names)],
                                                dtype=torch.float64)).tolist()
         return summed[0], dict(zip(names, summed[2:], strict=True)), int(summed[1])
+
+    def _check_finite(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            self._diverged(step, loss)
 
     def _diverged(self, step: int, value: float, what: str = "training loss") -> None:
         self.optimizer.zero_grad(set_to_none=True)
