@@ -86,7 +86,7 @@ class ChunkwiseBackward:
         (see :meth:`ChunkedSequence.backpropagate`); SpaCO draws for micro-batch ``micro_batch`` of ``step``."""
         sequence = ChunkedSequence(model, batch, self.chunk_size)
         generator = self.sparse.generator(step, micro_batch) if self.sparse is not None else None
-        weights = chunk_weights(sequence.chunks_per_row(), len(sequence.bounds), self.sparse, generator)
+        weights = chunk_weights(sequence.chunks_per_row, len(sequence.bounds), self.sparse, generator)
         return sequence.backpropagate(weights, loss_of, check=check)
 
 
@@ -102,6 +102,8 @@ class ChunkedSequence:
         length = batch["input_ids"].shape[1]
         self.bounds = [(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
         self.targets = next_token_labels(batch["labels"]).to(self.device)  # (B, T)
+        self.chunks_per_row = self._chunks_per_row()
+        """Each row's chunks up to its last one with a loss."""
         self.cache: list[KeyValues] = []      # per layer: (B, H, T, D) keys, values of the chunks run so far
         self.gradient: list[KeyValues] = []   # per layer: what later chunks' backward left on them
         self.rng_states: list[tuple[torch.Tensor, ...]] = []
@@ -118,7 +120,7 @@ class ChunkedSequence:
         """Accumulate the gradient of ``loss_of`` (the chunks' terms weighted by ``weights``) into the parameters'
         ``.grad``; returns the unweighted loss of every chunk. ``check(value)`` is called with each chunk's loss
         before anything uses it."""
-        last = max(self.chunks_per_row(), default=0) - 1  # the last chunk with a loss
+        last = max(self.chunks_per_row, default=0) - 1  # the last chunk with a loss
         # A draw of no chunk still back-propagates one, weighted 0: every trainable parameter gets its (zero) gradient.
         trained = [i for i in range(len(self.bounds)) if weights.trained(i)] or [self._first_with_loss()]
         until = last if last in trained else last + 1  # later untrained chunks run for their loss
@@ -133,8 +135,7 @@ class ChunkedSequence:
         positions = (self.targets != IGNORE_INDEX).any(dim=0).nonzero()
         return int(positions[0]) // self.chunk_size if len(positions) else 0
 
-    def chunks_per_row(self) -> list[int]:
-        """Each row's chunks up to its last one with a loss."""
+    def _chunks_per_row(self) -> list[int]:
         has_target = self.targets != IGNORE_INDEX
         last = torch.where(has_target.any(dim=1), has_target.shape[1] - 1 - has_target.flip(1).int().argmax(1), -1)
         return [int(t) // self.chunk_size + 1 if t >= 0 else 0 for t in last.tolist()]
