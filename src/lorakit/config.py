@@ -180,6 +180,55 @@ class QuantizedInitConfig:
         _require(self.grid in QUANTIZED_INIT_GRIDS, "grid", self.grid, f"one of {', '.join(QUANTIZED_INIT_GRIDS)}")
 
 
+LORAM_IMPORTANCES = ("gradient", "magnitude", "random")
+LORAM_RECOVERIES = ("zero", "normal")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoramConfig:
+    """LoRAM (Zhang et al., ICLR'25, arXiv 2502.13533): train the adapter on a structurally pruned copy of the base,
+    then recover it to the full base's shapes."""
+
+    ratio: float | None = None
+    """The share of each pruned block's FFN channels, and at most that share of its key/value head groups (whole
+    groups, with their query heads), removed; 0 prunes nothing; None (the default) trains without LoRAM."""
+    importance: str = "gradient"
+    """How structures are ranked: ``gradient`` (first-order Taylor |w dL/dw| summed over a structure's weights, on
+    the first training batches), ``magnitude`` (the structure's weight norm) or ``random``."""
+    importance_batches: int = 4
+    """Training batches the ``gradient`` importance sums over."""
+    keep_first: int = 2
+    """Blocks at the start left whole (the paper prunes blocks 4 to 77 of 80)."""
+    keep_last: int = 1
+    """Blocks at the end left whole."""
+    align_steps: int = 0
+    """Steps of continued pre-training of the pruned model on the offline English corpus before LoRA (0: none)."""
+    align_lr: float = 5e-5
+    """The alignment's learning rate (the paper's)."""
+    recover: str = "zero"
+    """Recovery of ``A`` of o_proj/down_proj at pruned input columns: zeros (``zero``, the paper's default) or
+    N(0, 1/r) noise (``normal``, the paper's "normA"); ``B`` rows at pruned outputs are always zero."""
+
+    def __post_init__(self) -> None:
+        _require(self.ratio is None or (_is_finite_number(self.ratio) and 0 <= self.ratio < 1), "loram ratio",
+                 self.ratio, "a fraction in [0, 1) is required")
+        _require(self.importance in LORAM_IMPORTANCES, "loram importance", self.importance,
+                 f"one of {', '.join(LORAM_IMPORTANCES)}")
+        for name in ("importance_batches", "keep_first", "keep_last", "align_steps"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= (1 if name == "importance_batches" else 0), f"loram {name}", value,
+                     "a positive integer is required" if name == "importance_batches" else
+                     "a non-negative integer is required")
+        _require(_is_finite_number(self.align_lr) and self.align_lr > 0, "loram align_lr", self.align_lr,
+                 "a positive number is required")
+        _require(self.recover in LORAM_RECOVERIES, "loram recover", self.recover,
+                 f"one of {', '.join(LORAM_RECOVERIES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio is not None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """How a training run goes: the optimizer (AdamW by default) on the trainable parameters, linear warmup

@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "config"),
     ("core",),
     ("io", "models", "data", "parallel"),
-    ("init", "methods", "optim", "regularizers", "quant", "mixtures", "combine", "analysis"),
+    ("init", "methods", "optim", "regularizers", "quant", "pruning", "mixtures", "combine", "analysis"),
     ("train", "eval"),
     ("serve",),
     ("jobs",),

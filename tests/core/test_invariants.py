@@ -100,6 +100,23 @@ def test_merge_and_unload_leaves_a_plain_model(model, ids):
     torch.testing.assert_close(logits(plain, ids), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head", "q_proj"]])
+def test_merging_into_tied_embeddings_changes_only_the_adapted_one_and_saves_both(targets, ids, tmp_path):
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, targets=targets))
+    perturb(model, "default")
+    expected = logits(model, ids)
+    plain = lorakit.merge_and_unload(model)
+    torch.testing.assert_close(logits(plain, ids), expected, atol=1e-5, rtol=1e-5)
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
+    plain.save_pretrained(tmp_path)
+    reloaded = type(plain).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_and_unload_of_an_inactive_adapter_uses_weight_one(model, ids):
     two_adapters(model)
     with lorakit.active(model, "b"):

@@ -69,7 +69,7 @@ def test_the_registries_build_what_they_name():
     [regularizer] = loop_hooks(TrainConfig(regularizer="ba-lora", options={"ba_lora_top_k": 5}))
     assert isinstance(regularizer, BaLoraRegularizer) and regularizer.weights.top_k == 5
     assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "lora-pro", "allora"}
-    assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora", "l4q"}
+    assert set(METHODS) == {"lora", "dylora", "codyra", "mixlora", "l4q", "pat"}
     assert set(REGULARIZERS) == {"ba-lora"}
 
 

@@ -114,6 +114,8 @@ CASES = {
     "ba-lora": with_config(regularizer="ba-lora"),
     "mixlora": Case(config=dataclasses.replace(BASE, method="mixlora"), model=mixlora),
     "l4q": with_config(method="l4q", options={"l4q_group_size": 16, "l4q_bits": 3}),
+    "pat": dataclasses.replace(with_config(method="pat", options={"pat_rank": 4, "pat_freeze": 0.5}),
+                               into=lambda: None),  # a narrower model of its own; hard from step 2 on
     "joint": Case(model=two_adapters, components=joint, result="a", view=lambda m: lorakit.active(m, "a")),
     "lora-ga": Case(init="lora-ga"),
     "meteora": Case(model=meteora, components=meteora_components, examples=tasks, into=with_task_adapters),

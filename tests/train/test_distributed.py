@@ -197,6 +197,8 @@ METHODS = {
     "fsdp-checkpointing": ["--fsdp", "--gradient-checkpointing"],  # blocks recomputed inside FSDP2's units
     "seco": ["--chunk-size", "5"],
     "spaco": ["--chunk-size", "5", "--sparse-chunks", "2"],  # each micro-batch's draw, on whichever rank it runs
+    "loram": ["--loram-ratio", "0.5", "--loram-keep-first", "0", "--loram-keep-last", "0"],  # gradients summed first
+    "pat": ["--method", "pat"],                    # the mask and modules all-reduced like the adapter; one model
 }
 LOOSER = {"fsdp-lora-ga": 1e-4}
 """FSDP takes the loss from the model's full logits, one process from lorakit's fused head loss: the same sum in

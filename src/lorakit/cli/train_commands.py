@@ -5,6 +5,7 @@
     lorakit train --resume runs/r
     lorakit train --data task:reverse --out runs/lq --init lq-lora --bits 2.75 --fisher-batches 8
     lorakit train --data task:reverse --out runs/q --quantize nf4
+    lorakit train --data task:reverse --out runs/p --loram-ratio 0.5 --loram-align-steps 50   # LoRAM
     lorakit train --data task:reverse --out runs/d --nproc 2          # = torchrun --nproc_per_node 2 -m lorakit train
 """
 
@@ -17,7 +18,7 @@ from lorakit.cli.common import LORA, TRAIN, command
 from lorakit.cli.flags import ConfigFlags
 from lorakit.cli.torchrun_launch import gave_flag, run_torchrun, train_in_process_group
 from lorakit.cli.values import named_values, split_name
-from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig, QuantizedInitConfig
+from lorakit.config import DATA_DRIVEN_INITS, INITS, LoraConfig, LoramConfig, QuantizedInitConfig
 from lorakit.errors import LorakitError
 from lorakit.jobs.finetune import finetune, finetune_adapters, resume_finetune
 from lorakit.quant.base_schemes import SCHEMES
@@ -26,6 +27,9 @@ from lorakit.train.distributed import DEFAULT_TIMEOUT_S, launched_by_torchrun
 QUANTIZED_INIT = ConfigFlags(QuantizedInitConfig, spellings={"iterations": "--quant-iterations",
                                                              "grid": "--quant-grid"})
 """The flags of ``--init lq-lora`` and ``--init loftq``."""
+LORAM = ConfigFlags(LoramConfig, spellings={f.name: "--loram-" + f.name.replace("_", "-")
+                                            for f in dataclasses.fields(LoramConfig)})
+"""The flags of LoRAM (``--loram-ratio`` turns it on)."""
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -46,9 +50,10 @@ def _run(args: argparse.Namespace, progress: bool):
     if len(args.data) == 1 and split_name(args.data[0])[0] is None:
         return finetune(args.data[0], args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
                         n=args.n, eval_data=args.eval_data, overwrite=args.overwrite, progress=progress,
-                        quantized_init=QUANTIZED_INIT.build(args), quantize=args.quantize)
-    if args.init in DATA_DRIVEN_INITS or args.eval_data:
-        raise LorakitError("several adapters in one batch train without a data-driven init or --eval-data")
+                        quantized_init=QUANTIZED_INIT.build(args), quantize=args.quantize, loram=LORAM.build(args))
+    if args.init in DATA_DRIVEN_INITS or args.eval_data or args.ratio is not None:
+        raise LorakitError("several adapters in one batch train without a data-driven init, --eval-data or "
+                           "--loram-ratio")
     datasets = named_values(args.data, "--data", "DATA (to train several adapters, name every --data)")
     return finetune_adapters(datasets, args.out, base=args.base, lora=_lora(args), config=TRAIN.build(args),
                              n=args.n, overwrite=args.overwrite, progress=progress, quantize=args.quantize)
@@ -60,7 +65,7 @@ def _lora(args: argparse.Namespace) -> LoraConfig:
 
 def register(commands) -> None:
     train = command(commands, "train", _train, "Fine-tune a LoRA adapter (or, with --full, every weight).",
-                    configs=(LORA, TRAIN, QUANTIZED_INIT))
+                    configs=(LORA, TRAIN, QUANTIZED_INIT, LORAM))
     train.set_defaults(argv=())  # lorakit.cli.main sets the command line as given
     train.add_argument("--data", action="append", help="training data: a JSONL file or task:NAME; repeat as "
                                                         "NAME=DATA to train one adapter per NAME in shared batches")

@@ -3,11 +3,14 @@
 Merging moves computation, never meaning: a layer subtracts in its forward whatever is merged but not
 asked for by the routing, so outputs are the same before and after :func:`merge` and :func:`unmerge`.
 Every merge checks finiteness first and changes nothing if any factor or result is not finite, nor if a
-layer's kind refuses merging (a quantized base).
+layer's kind refuses merging (a quantized base). A base weight that another module shares (tied input and output
+embeddings) is untied before an adapter merges into it: the layer gets its own copy and ``config.tie_word_embeddings``
+becomes False, so the merge changes that layer alone and a saved merged model keeps both matrices.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +42,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
             layer.kind.check_merge(layer.base_layer, module_name)
     layers = [layer for _, layer in lora_layers(model)]
     _check_finite(layers, weights)
+    _untie(model, [layer for layer in layers if any(name in layer.adapters for name in weights)])
     done: list[tuple[LoraLayer, str, float]] = []
     try:
         for layer in layers:
@@ -51,6 +55,18 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
         for layer, name, previous in reversed(done):
             layer.merge(name, previous)
         raise
+
+
+def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
+    """Give each of ``layers`` whose base weight another module shares a copy of its own (module docstring)."""
+    owners = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+    for layer in layers:
+        weight = layer.base_layer.weight
+        if owners[id(weight)] > 1:
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            owners[id(weight)] -= 1
+            if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+                model.config.tie_word_embeddings = False
 
 
 def _check_finite(layers: list[LoraLayer], weights: dict[str, float]) -> None:

@@ -8,6 +8,8 @@ its weights replace that model's, which must have the same parameters and shapes
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,18 @@ CONFIG_FILE = "config.json"
 def write_model_metadata(directory: Path, origin: str) -> None:
     """Mark the model saved in ``directory`` (``save_pretrained``) as kind ``model``, atomically."""
     write_atomically(directory / METADATA_FILE, metadata_writer(MODEL_KIND, origin))
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: Path, *, origin: str) -> None:
+    """Save ``model`` (``save_pretrained``, safetensors) and ``tokenizer`` into ``out_dir`` file by file
+    atomically, then ``lorakit.json`` (kind ``model``, ``origin`` what wrote it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for item in Path(tmp).iterdir():
+            os.replace(item, out_dir / item.name)
+    write_model_metadata(out_dir, origin=origin)
 
 
 def _load(directory: Path, model: nn.Module | None) -> Loaded:

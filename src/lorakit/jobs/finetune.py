@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from lorakit.config import DATA_DRIVEN_INITS, QUANTIZING_INITS, LoraConfig, QuantizedInitConfig, TrainConfig
+from lorakit.config import (
+    DATA_DRIVEN_INITS,
+    QUANTIZING_INITS,
+    LoraConfig,
+    LoramConfig,
+    QuantizedInitConfig,
+    TrainConfig,
+)
 from lorakit.core.lifecycle import attach
 from lorakit.data.source import load_examples
 from lorakit.errors import ConfigError
@@ -29,6 +36,7 @@ from lorakit.train.combinations import check_combination, prepared_lora
 from lorakit.train.components import check_components, components_for
 from lorakit.train.distributed import barrier
 from lorakit.train.loop import TrainResult, train
+from lorakit.train.loram_base import check_loram, prune_for_loram
 from lorakit.train.prepare import PreparedAdapter, prepare_adapter
 from lorakit.train.sharding import load_skeleton, shard_and_fill
 
@@ -50,7 +58,7 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
              config: TrainConfig = TrainConfig(), n: int | None = None, eval_data: str | None = None,
              eval_n: int | None = 64, overwrite: bool = False, progress: bool = True,
              resume: bool = False, quantized_init: QuantizedInitConfig = QuantizedInitConfig(),
-             quantize: str | None = None) -> TrainResult:
+             quantize: str | None = None, loram: LoramConfig = LoramConfig()) -> TrainResult:
     """Train a LoRA adapter (or the full model with ``config.full``) on ``data`` and write it to ``out``.
 
     With ``quantize`` (``"nf4"``, ``"int8"``: :mod:`lorakit.quant.base_schemes`) the base is quantized as it
@@ -60,6 +68,10 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     may be a data-driven init (:func:`lorakit.train.prepare.prepare_adapter`; ``quantized_init`` shapes
     ``lq-lora`` and ``loftq``). The run's settings go to
     ``out/run.json`` so that :func:`resume_finetune` can continue it.
+
+    With ``loram.ratio`` set (LoRAM) the base is pruned (and aligned, and quantized under ``quantize``) before the
+    adapter attaches, and the adapter written is recovered for the full base
+    (:func:`lorakit.train.loram_base.prune_for_loram`).
     """
     out = Path(out)
     check_components(config)
@@ -69,6 +81,7 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     examples = load_examples(data, split="train", n=n)
     eval_examples = load_examples(eval_data, split="test", n=eval_n) if eval_data else None
     check_quantize(quantize, lora, config)
+    check_loram(loram, lora, config, quantize)
     if not resume:
         check_fresh(out, overwrite)
     barrier()  # every rank has checked the directory before rank 0 writes into it
@@ -78,8 +91,12 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     elif resume and lora.init in QUANTIZING_INITS:  # the saved Q put in place as the base loads: never the fp32 model
         model, tokenizer = load_with_quantized_linears(base, load_quantized(out / QUANTIZED_BASES_FILE),
                                                        progress=progress)
-    else:
-        model, tokenizer = load_base(base, quantize, progress=progress)
+    else:  # LoRAM prunes the full-precision base, then quantizes what is left
+        model, tokenizer = load_base(base, None if loram.enabled else quantize, progress=progress)
+    extra = []
+    if loram.enabled:
+        extra.append(prune_for_loram(model, tokenizer, examples, loram, config, quantize=quantize, run_dir=out,
+                                     resume=resume, progress=progress))
     torch.manual_seed(config.seed)
     prepared = PreparedAdapter(lora)
     if not config.full:
@@ -90,12 +107,13 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume and current_ranks().main:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
                                        lora=dataclasses.asdict(prepared.lora), config=dataclasses.asdict(config),
-                                       quantized_init=dataclasses.asdict(quantized_init), quantize=quantize))
+                                       quantized_init=dataclasses.asdict(quantized_init), quantize=quantize,
+                                       loram=dataclasses.asdict(loram)))
     if prepared.moves_base and config.regularizer == "ba-lora" and "ba_lora_reference" not in config.options:
         # LoRA-GA moved the base: BA-LoRA compares with the model as it starts (offset base + initial adapter).
         config = dataclasses.replace(config, options={**config.options, "ba_lora_reference": "snapshot"})
     # The directory was checked above and now holds this run's own files, which train() must not refuse.
-    return train(model, tokenizer, examples, config, components=prepared.components, out_dir=out,
+    return train(model, tokenizer, examples, config, components=[*prepared.components, *extra], out_dir=out,
                  eval_examples=eval_examples, resume=out if resume else None, overwrite=True, progress=progress)
 
 
@@ -141,6 +159,9 @@ def check_quantize(quantize: str | None, lora: LoraConfig, config: TrainConfig) 
         raise ConfigError(f"--init {lora.init} quantizes the base itself (its own bits); drop --quantize {quantize}")
     if config.method == "l4q":
         raise ConfigError(f"--method l4q quantizes W0 + s B A itself (--option l4q_bits); drop --quantize {quantize}")
+    if config.method == "pat":
+        raise ConfigError(f"--method pat folds its modules into the dense base weights and cuts them; drop --quantize "
+                          f"{quantize}")
     if config.fsdp:
         raise ConfigError(f"--fsdp shards parameters, and --quantize {quantize} keeps the base as quantized codes, "
                           "which FSDP2 does not shard; each rank holds its own quantized copy without --fsdp")
@@ -171,4 +192,4 @@ def resume_finetune(run_dir: str | Path, *, progress: bool = True, grad_accum: i
                     config=TrainConfig(**args["config"]), n=args["n"], eval_data=args["eval_data"],
                     eval_n=args["eval_n"], progress=progress, resume=True,
                     quantized_init=QuantizedInitConfig(**args.get("quantized_init", {})),
-                    quantize=args.get("quantize"))
+                    quantize=args.get("quantize"), loram=LoramConfig(**args.get("loram", {})))

@@ -57,6 +57,18 @@ PRESETS: dict[str, MethodPreset] = {
     **{f"l4q-{bits}": MethodPreset(f"L4Q: quantization-aware LoRA, one {bits}-bit model (groups of 128)",
                                    ("--method", "l4q", "--option", f"l4q_bits={bits}"))
        for bits in (4, 3)},
+    **{f"loram-{percent}": MethodPreset(f"LoRAM: trained on the base with {percent}% of FFN channels (and at most "
+                                        f"{percent}% of head groups) pruned, recovered for the full base",
+                                        ("--loram-ratio", f"{percent / 100:g}"))
+       for percent in (25, 50)},
+    **{f"loram-{percent}-aligned": MethodPreset(f"LoRAM-{percent} after 50 steps of alignment on the offline corpus",
+                                                ("--loram-ratio", f"{percent / 100:g}", "--loram-align-steps", "50"))
+       for percent in (25, 50)},
+    "qloram-50": MethodPreset("QLoRAM: LoRAM-50 on the pruned base quantized to NF4", ("--loram-ratio", "0.5",
+                                                                                        "--quantize", "nf4")),
+    "pat-25": MethodPreset("PAT: LoRA + hybrid sparsification modules, 25% of the hidden channels removed, the mask "
+                           "hard from 40% of the run on; one smaller model",
+                           ("--method", "pat", "--option", "pat_keep=0.75", "--option", "pat_freeze=0.4")),
 }
 DEFAULT_METHODS = ("lora", "rslora", "lora-ga", "eva", "dylora", "lora-pro", "allora", "ba-lora")
 
@@ -133,7 +145,7 @@ def compare_method(method: str, data: str, out: Path, *, train_flags: Sequence[s
     restart = ["--overwrite"] if run_dir.exists() else []  # a run that stopped before its result: again
     summary, wall, peak = _run_training([*command, *restart])
     losses, loop_seconds = _loss_curve(run_dir)
-    scored = evaluate_adapter(data, base=base, adapter=run_dir, n=eval_n)
+    scored = evaluate_adapter(data, adapter=run_dir, n=eval_n)  # on its recorded base (PAT's model is its own)
     result = MethodResult(method, shown, losses, smoothed(losses)[-1],
                           steps_to(losses, target_loss), scored.exact_match, summary["trainable_parameters"],
                           loop_seconds / len(losses), wall - loop_seconds, peak)

@@ -67,3 +67,11 @@ def freed_memory_kept(enabled: bool = True) -> Iterator[bool]:
         libc.mallopt(M_MMAP_THRESHOLD, _starting_value("MALLOC_MMAP_THRESHOLD_"))
         libc.mallopt(M_TRIM_THRESHOLD, _starting_value("MALLOC_TRIM_THRESHOLD_"))
         libc.malloc_trim(0)
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed so far back to the operating system (glibc's ``malloc_trim``; elsewhere nothing):
+    after a phase that allocated much more than what follows (LoRAM's pruning and alignment)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

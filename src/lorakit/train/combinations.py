@@ -3,7 +3,7 @@
 :data:`_REFUSED` holds each refused pair with its reason (docs/METHODS.md shows the same table); full
 fine-tuning refuses every LoRA-factor method, and ALLoRA refuses dropout. Everything else combines:
 EVA with DyLoRA (EVA's components are ordered by explained variance, so they nest), any init with
-LoRA-Pro or ALLoRA, BA-LoRA with anything but L4Q (runs whose base weights move, LoRA-GA and full
+LoRA-Pro or ALLoRA, BA-LoRA with anything but L4Q and PAT (runs whose base weights move, LoRA-GA and full
 fine-tuning, compare with a frozen copy of the model as the run starts). ALLoRA and CoDyRA are scaling-free:
 :func:`scale_free` sets ``alpha`` so that ``s = 1``. ``--fsdp`` takes AdamW and plain LoRA (any init that does not
 quantize), which step shard by shard, on whole sequences (not ``--chunk-size``).
@@ -53,6 +53,14 @@ _REFUSED.update({
                                               "step sizes and offsets",
     ("regularizer", "ba-lora", "method", "l4q"): "BA-LoRA compares with the model without its adapter, which "
                                                  "L4Q's fake-quantized layers cannot switch off",
+    **{("init", init, "method", "pat"): "PAT folds its modules into dense weights and cuts them; a quantized "
+                                        "base has none" for init in ("lq-lora", "loftq")},
+    ("optimizer", "lora-pro", "method", "pat"): "LoRA-Pro steps only the (A, B) pairs; PAT also trains its mask "
+                                                "and sparsification modules",
+    ("optimizer", "allora", "method", "pat"): "ALLoRA's row-wise rates are for factor rows; PAT also trains its "
+                                              "mask and sparsification modules",
+    ("regularizer", "ba-lora", "method", "pat"): "BA-LoRA compares with the model without its adapter, and PAT's "
+                                                 "masked model stays masked with the adapter switched off",
 })
 
 

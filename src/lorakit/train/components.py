@@ -25,6 +25,7 @@ from lorakit.optim.adamw_8bit import adamw_8bit
 from lorakit.optim.allora import Allora
 from lorakit.optim.factor_pairs import lora_factors
 from lorakit.optim.lora_pro import LoraPro
+from lorakit.pruning.pat_training import PatTraining
 from lorakit.quant.l4q import L4QTraining
 from lorakit.regularizers.ba_lora import BaLoraWeights
 from lorakit.regularizers.ba_lora_training import BaLoraRegularizer
@@ -92,6 +93,11 @@ def _l4q(config: TrainConfig, options: Options) -> TrainingComponent:
                        lsq_grad_scale=options["l4q_lsq_grad_scale"])
 
 
+def _pat(config: TrainConfig, options: Options) -> TrainingComponent:
+    return PatTraining(keep=options["pat_keep"], rank=options["pat_rank"], freeze=options["pat_freeze"],
+                       identity_loss=options["pat_identity_loss"], mask_lr=options["pat_mask_lr"])
+
+
 def _ba_lora(config: TrainConfig, options: Options) -> TrainingComponent:
     weights = BaLoraWeights(consistency=options["ba_lora_consistency"], diversity=options["ba_lora_diversity"],
                             svd=options["ba_lora_svd"], top_k=int(options["ba_lora_top_k"]))
@@ -116,6 +122,9 @@ METHODS: dict[str, Registered] = {
                           "MixLoRA: top-k LoRA experts in every FFN (shared frozen weights), LoRA on attention"),
     "l4q": Registered(_l4q, {"l4q_bits": 4, "l4q_group_size": 128, "l4q_lsq_grad_scale": False},
                       "L4Q: LoRA trained inside the fake-quantized W0 + s B A; saves one integer-coded model"),
+    "pat": Registered(_pat, {"pat_keep": 0.75, "pat_rank": 16, "pat_freeze": 0.8, "pat_identity_loss": True,
+                             "pat_mask_lr": 1e-2},
+                      "PAT: LoRA + hybrid sparsification modules, one shared channel mask; saves one narrower model"),
 }
 REGULARIZERS: dict[str, Registered] = {
     "ba-lora": Registered(_ba_lora, {"ba_lora_consistency": 1e-4, "ba_lora_diversity": 3e-4, "ba_lora_svd": 1e-4,

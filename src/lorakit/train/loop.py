@@ -274,8 +274,8 @@ class _Run:
         """One optimizer step over ``grad_accum`` micro-batches; returns (task loss, extra terms by name, tokens)."""
         lr = learning_rate(step, total=self.total, warmup=self.warmup, peak=self.config.lr,
                            min_ratio=self.config.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # a component's group may run at a multiple (``lr_scale``)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batches = self._own_batches()
         task_loss_of = self._task_loss(batches)
         task_loss, terms = 0.0, {}

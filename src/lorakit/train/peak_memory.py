@@ -25,3 +25,14 @@ def peak_resident_mib() -> float:
             return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak() -> bool:
+    """Start this process's peak resident memory afresh from its current size (Linux: ``5`` written to
+    ``/proc/self/clear_refs`` resets ``VmHWM``), so that a later :func:`peak_resident_mib` measures what follows;
+    False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

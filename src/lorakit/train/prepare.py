@@ -92,7 +92,7 @@ class QuantizedAdapterExport(TrainingComponent):
         return True
 
 
-def _estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig, *,
+def estimation_batches(tokenizer, examples: Sequence[Example], config: TrainConfig, *,
                         count: int = ESTIMATE_BATCHES, batch_size: int | None = None) -> list[dict]:
     """This rank's share of the first ``count`` batches of the run's data order (a lone process: all of them); the
     estimates combine the shares over the ranks into what one process computes from every batch. Fewer batches
@@ -138,7 +138,7 @@ def _lora_ga(model, tokenizer, examples, lora, config, run_dir: Path, resume: bo
         start = LoraGaInit.load(run_dir / LORA_GA_FILE)
         start_from(model, start)
     else:
-        grads = estimate_gradients(model, _estimation_batches(tokenizer, examples, config), targets=lora,
+        grads = estimate_gradients(model, estimation_batches(tokenizer, examples, config), targets=lora,
                                    progress=current_ranks().main)
         attach(model, _placeholder(lora))
         start = init_lora_ga(model, grads)
@@ -159,7 +159,7 @@ def _quantizing(model, tokenizer, examples, lora, config, settings: QuantizedIni
         return PreparedAdapter(lora, [QuantizedAdapterExport(quantized, lora.init)], moves_base=True)
     fisher = None
     if lora.init == "lq-lora" and settings.fisher_batches:
-        batches = _estimation_batches(tokenizer, examples, config, count=settings.fisher_batches, batch_size=1)
+        batches = estimation_batches(tokenizer, examples, config, count=settings.fisher_batches, batch_size=1)
         fisher = estimate_fisher(model, batches, targets=lora, progress=current_ranks().main)
     attach(model, _placeholder(lora))
     if lora.init == "lq-lora":
@@ -178,7 +178,7 @@ def _eva(model, tokenizer, examples, lora, config, resume: bool) -> PreparedAdap
     if resume:  # the run recorded the EVA config; the checkpoint holds A and B
         attach(model, _placeholder(lora))
         return PreparedAdapter(lora)
-    estimate = estimate_eva(model, _estimation_batches(tokenizer, examples, config), lora,
+    estimate = estimate_eva(model, estimation_batches(tokenizer, examples, config), lora,
                             progress=current_ranks().main)
     shaped = eva_config(lora, estimate)
     attach(model, _placeholder(shaped))
