@@ -81,6 +81,14 @@ def _quantize_linears(model: nn.Module, scheme_name: str) -> None:
         replace_module(model, name, scheme.quantize(linear.weight.detach(), linear.bias))
 
 
+def _own_memory(model: nn.Module) -> None:
+    """Copy every parameter and buffer into memory of its own: the loaded checkpoint's tensors may still view its
+    memory-mapped file, whose pages (the pruned weights' included) stay resident while any tensor maps them."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -99,6 +107,7 @@ def prune_for_loram(model: nn.Module, tokenizer, examples: Sequence[Example], lo
         prune_map = plan_pruning(model, _scores(model, tokenizer, examples, loram, config, blocks, progress),
                                  loram.ratio)
     apply_pruning(model, prune_map)
+    _own_memory(model)
     alignment = []
     if loram.align_steps:
         torch.manual_seed(config.seed)
