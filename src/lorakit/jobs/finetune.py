@@ -85,14 +85,8 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not resume:
         check_fresh(out, overwrite)
     barrier()  # every rank has checked the directory before rank 0 writes into it
-    from_skeleton = config.fsdp and not config.full and lora.init not in DATA_DRIVEN_INITS
-    if from_skeleton:  # no rank ever holds the whole base: each fills its shards after sharding
-        model, tokenizer, files = load_skeleton(base)
-    elif resume and lora.init in QUANTIZING_INITS:  # the saved Q put in place as the base loads: never the fp32 model
-        model, tokenizer = load_with_quantized_linears(base, load_quantized(out / QUANTIZED_BASES_FILE),
-                                                       progress=progress)
-    else:  # LoRAM prunes the full-precision base, then quantizes what is left
-        model, tokenizer = load_base(base, None if loram.enabled else quantize, progress=progress)
+    model, tokenizer, files = _run_base(base, out, lora=lora, config=config, loram=loram, quantize=quantize,
+                                        resume=resume, progress=progress)
     extra = []
     if loram.enabled:
         extra.append(prune_for_loram(model, tokenizer, examples, loram, config, quantize=quantize, run_dir=out,
@@ -102,7 +96,7 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     if not config.full:
         prepared = prepare_adapter(model, tokenizer, examples, lora, config, run_dir=out, resume=resume,
                                    quantized_init=quantized_init)
-    if from_skeleton:
+    if files is not None:
         shard_and_fill(model, files)
     if not resume and current_ranks().main:
         save_json(out / RUN_FILE, dict(base=base, data=data, n=n, eval_data=eval_data, eval_n=eval_n,
@@ -115,6 +109,20 @@ def finetune(data: str, out: str | Path, *, base: str = DEFAULT_MODEL, lora: Lor
     # The directory was checked above and now holds this run's own files, which train() must not refuse.
     return train(model, tokenizer, examples, config, components=[*prepared.components, *extra], out_dir=out,
                  eval_examples=eval_examples, resume=out if resume else None, overwrite=True, progress=progress)
+
+
+def _run_base(base: str, out: Path, *, lora: LoraConfig, config: TrainConfig, loram: LoramConfig,
+              quantize: str | None, resume: bool, progress: bool) -> tuple[Any, Any, Any]:
+    """The model and tokenizer a :func:`finetune` run starts from, and the checkpoint files each rank fills its
+    shards from after sharding (None unless the base loads as an FSDP skeleton)."""
+    if config.fsdp and not config.full and lora.init not in DATA_DRIVEN_INITS:  # no rank holds the whole base
+        return load_skeleton(base)
+    if resume and lora.init in QUANTIZING_INITS:  # the saved Q put in place as the base loads: never the fp32 model
+        model, tokenizer = load_with_quantized_linears(base, load_quantized(out / QUANTIZED_BASES_FILE),
+                                                       progress=progress)
+    else:  # LoRAM prunes the full-precision base, then quantizes what is left
+        model, tokenizer = load_base(base, None if loram.enabled else quantize, progress=progress)
+    return model, tokenizer, None
 
 
 def finetune_adapters(datasets: dict[str, str], out: str | Path, *, base: str = DEFAULT_MODEL,
